@@ -1,0 +1,1 @@
+"""Checkpoint I/O: Hugging Face safetensors import/export."""

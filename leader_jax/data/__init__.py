@@ -1,0 +1,1 @@
+"""EHR data pipeline: raw MIMIC-III / MIMIC-IV / eICU tables → patients, samples, vocabularies, prompts."""

@@ -1,0 +1,1 @@
+"""Models: the Flax LLaMA, LoRA adapters, the LEADER teacher and student."""

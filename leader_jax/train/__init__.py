@@ -1,0 +1,1 @@
+"""Training stages: domain pre-training, teacher, feature extraction, student."""
