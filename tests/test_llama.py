@@ -1,0 +1,198 @@
+"""Parity of leader_jax.models.llama with transformers' LlamaForCausalLM / LlamaForSequenceClassification
+(torch, CPU, fp32) on tiny random configs: MHA, GQA + llama3 rope scaling, tied embeddings, right padding;
+gradients vs torch autograd; scan/remat equivalence; the Linear.adapters contract."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from transformers import LlamaConfig as HFConfig
+from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+
+from leader_jax.models.llama import LlamaConfig, Linear, load_hf, pool_last
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+CASES = {
+    "mha": dict(num_key_value_heads=4),
+    "gqa_llama3": dict(num_key_value_heads=2, rope_parameters=LLAMA3_ROPE),
+    "tied": dict(num_key_value_heads=2, tie_word_embeddings=True, rope_parameters={"rope_type": "default",
+                                                                                    "rope_theta": 1000.0}),
+}
+LENGTHS = [12, 7, 3]
+T = 12
+
+
+def make_hf(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = HFConfig(**{**dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                             rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1, eos_token_id=2), **kw})
+    return LlamaForCausalLM(cfg).eval()
+
+
+def batch():
+    rs = np.random.RandomState(0)
+    ids = rs.randint(3, 128, (len(LENGTHS), T)).astype(np.int32)
+    mask = (np.arange(T)[None] < np.array(LENGTHS)[:, None]).astype(np.int32)
+    ids = np.where(mask == 1, ids, 0)  # right padding with pad id 0
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    out = {}
+    for name, kw in CASES.items():
+        hf = make_hf(**kw)
+        d = tmp_path_factory.mktemp(name)
+        hf.save_pretrained(d)
+        cfg, model = load_hf(d)
+        out[name] = (hf, d, cfg, model)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fwd():
+    return nnx.jit(lambda m, i, a: m(i, a))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_logits_match_transformers(models, fwd, name):
+    hf, _, cfg, model = models[name]
+    assert cfg.num_key_value_heads == CASES[name]["num_key_value_heads"]
+    ids, mask = batch()
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits.numpy()
+    out = np.asarray(fwd(model, jnp.asarray(ids), jnp.asarray(mask)))
+    assert out.shape == (3, T, 128) and out.dtype == np.float32
+    valid = mask.astype(bool)
+    diff = np.abs(out - ref)[valid].max()
+    assert diff <= 1e-4, diff
+    assert np.abs(ref).max() > 0.05  # logits are not trivially zero
+    # a padded row agrees with the same row run unpadded (padding does not leak into valid positions)
+    with torch.no_grad():
+        short = hf(torch.tensor(ids[2:3, :3], dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(out[2, :3], short[0], atol=1e-4)
+
+
+def test_config_fields_read(models):
+    _, d, cfg, _ = models["gqa_llama3"]
+    assert cfg.rope_theta == 500000.0 and cfg.rope_scaling_dict["factor"] == 8.0
+    assert cfg.head_dim == 16 and cfg.rms_norm_eps == 1e-5 and not cfg.tie_word_embeddings
+    assert models["tied"][2].tie_word_embeddings and models["tied"][3].lm_head is None
+    # round trip through our HF dict, and transformers parses our dict to the same config
+    assert LlamaConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+    hf_cfg = HFConfig(**cfg.to_hf_dict())
+    assert hf_cfg.rope_parameters["rope_type"] == "llama3" and hf_cfg.num_key_value_heads == 2
+    # legacy config keys (transformers 4: rope_theta + rope_scaling with "type")
+    legacy = json.loads((d / "config.json").read_text())
+    legacy.pop("rope_parameters")
+    legacy["rope_theta"] = 500000.0
+    legacy["rope_scaling"] = {k: v for k, v in LLAMA3_ROPE.items() if k not in ("rope_theta", "rope_type")}
+    legacy["rope_scaling"]["type"] = "llama3"
+    assert LlamaConfig.from_hf_dict(legacy) == cfg
+    with pytest.raises(ValueError, match="model_type"):
+        LlamaConfig.from_hf_dict({**legacy, "model_type": "mistral"})
+    with pytest.raises(ValueError, match="rope_type"):
+        LlamaConfig.from_hf_dict({**legacy, "rope_scaling": {"type": "yarn", "factor": 2.0}})
+
+
+def test_pooled_hidden_matches_sequence_classification(models):
+    hf, _, cfg, model = models["gqa_llama3"]
+    d = cfg.hidden_size
+    torch.manual_seed(1)
+    cls = LlamaForSequenceClassification(HFConfig(**{**hf.config.to_dict(), "num_labels": d})).eval()
+    missing, unexpected = cls.load_state_dict(hf.state_dict(), strict=False)
+    assert list(missing) == ["score.weight"] and list(unexpected) == ["lm_head.weight"]
+    with torch.no_grad():
+        cls.score.weight.copy_(torch.eye(d))  # pooled "logits" = pooled final-norm hidden state
+    ids, mask = batch()
+    with torch.no_grad():
+        ref = cls(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits.numpy()
+    hidden = nnx.jit(lambda m, i, a: m.hidden_states(i, a))(model, jnp.asarray(ids), jnp.asarray(mask))
+    assert hidden.shape == (3, T, d)
+    pooled = np.asarray(pool_last(hidden, jnp.asarray(mask)))
+    np.testing.assert_allclose(pooled, ref, atol=1e-5, rtol=0)
+    # pooled row i is hidden[i, length-1]
+    np.testing.assert_array_equal(pooled[1], np.asarray(hidden)[1, LENGTHS[1] - 1])
+
+
+def test_gradients_match_torch(models):
+    hf, _, cfg, model = models["gqa_llama3"]
+    ids, mask = batch()
+    w = np.random.RandomState(1).randn(3, T, 128).astype(np.float32) * mask[..., None]
+
+    def loss(m):
+        return jnp.sum(m(jnp.asarray(ids), jnp.asarray(mask)) * w)
+
+    grads = nnx.jit(nnx.grad(loss))(model)
+    hf.zero_grad()
+    out = hf(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits
+    (out * torch.tensor(w)).sum().backward()
+    g_q = np.asarray(grads.layers[0].self_attn.q_proj.kernel[...])
+    np.testing.assert_allclose(g_q, hf.model.layers[0].self_attn.q_proj.weight.grad.numpy().T, atol=1e-4)
+    g_e = np.asarray(grads.embed_tokens.embedding[...])
+    np.testing.assert_allclose(g_e, hf.model.embed_tokens.weight.grad.numpy(), atol=1e-4)
+    g_n = np.asarray(grads.layers[1].post_attention_layernorm.weight[...])
+    np.testing.assert_allclose(g_n, hf.model.layers[1].post_attention_layernorm.weight.grad.numpy(),
+                               atol=1e-4)
+    assert np.abs(g_q).max() > 1e-3
+
+
+def test_scan_and_remat_equal_plain(models):
+    _, d, _, model = models["gqa_llama3"]
+    ids, mask = batch()
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    _, scanned = load_hf(d, scan_layers=True, remat="full")
+    _, remat = load_hf(d, remat="dots")
+    assert scanned.layers.self_attn.q_proj.kernel[...].shape == (2, 64, 64)
+
+    def loss(m):
+        return jnp.mean(m(ids, mask) ** 2)
+
+    ref_l, ref_g = nnx.jit(nnx.value_and_grad(loss))(model)
+    for m in (scanned, remat):
+        l, g = nnx.jit(nnx.value_and_grad(loss))(m)
+        np.testing.assert_allclose(float(l), float(ref_l), rtol=1e-6)
+        k = g.layers.self_attn.k_proj.kernel[...][1] if m is scanned else g.layers[1].self_attn.k_proj.kernel[...]
+        np.testing.assert_allclose(np.asarray(k), np.asarray(ref_g.layers[1].self_attn.k_proj.kernel[...]),
+                                   atol=1e-6)
+
+
+class _Adapter(nnx.Module):
+    def __init__(self, w):
+        self.w = nnx.Param(jnp.asarray(w))
+
+    def __call__(self, x):
+        return x @ self.w[...]
+
+
+def test_linear_adapters_contract():
+    cfg = LlamaConfig.tiny()
+    with nnx.use_eager_sharding(False):
+        lin = Linear(8, 4, axes=("embed", "mlp"), config=cfg, rngs=nnx.Rngs(0))
+    assert len(lin.adapters) == 0
+    x = np.random.RandomState(0).randn(2, 8).astype(np.float32)
+    base = np.asarray(lin(jnp.asarray(x)))
+    np.testing.assert_allclose(base, x @ np.asarray(lin.kernel[...]), atol=1e-6)
+    wa, wb = np.full((8, 4), 0.5, np.float32), np.eye(8, 4, dtype=np.float32)
+    lin.adapters["b"] = _Adapter(wb)
+    lin.adapters["a"] = _Adapter(wa)
+    np.testing.assert_allclose(np.asarray(lin(jnp.asarray(x))), base + x @ wa + x @ wb, atol=1e-5)
+    assert lin.kernel.get_metadata()["out_sharding"] == ("embed", "mlp")
+
+
+def test_bf16_compute_close_to_fp32(models, fwd):
+    _, d, _, model = models["gqa_llama3"]
+    ids, mask = batch()
+    cfg16, m16 = load_hf(d, dtype="bfloat16")
+    assert m16.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
+    hid = nnx.jit(lambda m, i, a: m.hidden_states(i, a))(m16, jnp.asarray(ids), jnp.asarray(mask))
+    assert hid.dtype == jnp.bfloat16
+    out16 = np.asarray(fwd(m16, jnp.asarray(ids), jnp.asarray(mask)))
+    out32 = np.asarray(fwd(model, jnp.asarray(ids), jnp.asarray(mask)))
+    valid = mask.astype(bool)
+    assert np.abs(out16 - out32)[valid].max() < 5e-2
