@@ -12,3 +12,30 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# ---------------------------------------------------------------- shared data fixtures (engineer D)
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def prepared_synthetic(tmp_path_factory):
+    """A small synthetic MIMIC-III-format dataset (200 patients, seed 0) prepared with the default
+    config (dataset=synthetic); returns the prepared folder (load with PreparedData.load)."""
+    from leader_jax.data.prepare import prepare_to
+    from leader_jax.data.synthetic import write_mimic3
+
+    base = tmp_path_factory.mktemp("synthetic")
+    raw = write_mimic3(base / "raw", n_patients=200, seed=0)
+    prepare_to(base / "prepared", dataset="synthetic", raw_dir=str(raw))
+    return base / "prepared"
+
+
+@pytest.fixture(scope="session")
+def prepared_eicu(tmp_path_factory):
+    """The bundled eICU demo prepared with the default config; returns the prepared folder."""
+    from leader_jax.data.prepare import prepare_to
+
+    out = tmp_path_factory.mktemp("eicu") / "prepared"
+    prepare_to(out, dataset="eicu")
+    return out

@@ -1,0 +1,36 @@
+"""Data preparation config: `python -m leader_jax.data.prepare --config configs/data.py
+--config.dataset=mimic3|mimic4|eicu [--config.raw_dir=DIR] --out OUT`."""
+from pathlib import Path
+
+from ml_collections import ConfigDict
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    c.dataset = "eicu"                 # mimic3 | mimic4 | eicu
+    c.raw_dir = ""                     # "" -> the bundled demo data/<dataset>_demo
+    c.out = ""                         # set by --out
+    c.protocol = "last_visit"          # last_visit (paper) | per_visit
+    c.visit_order = "admittime"        # admittime (ties: hadm_id) | hadm_id (reproduces the original, D2)
+    c.split = "random"                 # random (seeded patient shuffle) | sequential (original)
+    c.split_seed = 42
+    c.split_fractions = (0.8, 0.1, 0.1)
+    c.top_k_med = -1                   # -1: dataset default (MIMIC 300 as the paper; eICU no limit, so the
+                                       #     stated cohort is kept); 0: no limit
+    c.top_k_diag = 2000
+    c.top_k_proc = 1000
+    c.min_admissions = 1               # 2 reproduces the original's >=2-admission filter on PRESCRIPTIONS
+    c.sample_fraction = 1.0            # 0.15 reproduces the original MIMIC-IV patient sample (full data)
+    c.sample_seed = 42
+    c.eicu_drop_cancelled = False      # eICU: True drops orders with drugordercancelled = Yes (1 stay fewer
+                                       #     on the demo); False keeps the stated cohort 1,262 / 1,584
+    # mapping files (keep the WHO names a config value: CC BY-NC-SA 4.0, see data/README.md)
+    c.ndc_map = str(DATA / "mappings" / "ndc2RXCUI.txt")
+    c.rxcui_atc = str(DATA / "mappings" / "RXCUI2atc4.csv.gz")
+    c.ddi_pairs = str(DATA / "mappings" / "ddi_atc3_pairs.csv")
+    c.atc_names = str(DATA / "mappings" / "WHO ATC-DDD 2021-12-03.csv")
+    return c
+
+
