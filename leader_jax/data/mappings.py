@@ -24,7 +24,8 @@ def load_ndc_to_rxcui(path: str) -> Dict[str, str]:
         raise ValueError(f"{p}: not a Python dict literal ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{p}: expected a dict literal NDC -> RxCUI, got {type(obj).__name__}")
-    return {str(k).strip(): str(v).strip() for k, v in obj.items()}
+    # a few NDCs map to an empty RxCUI: treat them as unmapped
+    return {str(k).strip(): str(v).strip() for k, v in obj.items() if str(v).strip()}
 
 
 @functools.lru_cache(maxsize=4)
