@@ -1,0 +1,309 @@
+"""LEADER(S): the small code-id student distilled from the teacher's pooled hidden state.
+
+Architecture (leader.md §5, with our fixes D3/D4/D7/D8/D9):
+
+- separate embedding tables for diagnoses, procedures and drugs (id 0 = padding in each; D4);
+- three code-set encoders (one pre-LN transformer block each, masked mean over the codes of a set);
+- one visit encoder shared by the three streams (one block, masked mean over visits), with an
+  optional learned recency embedding (`visit_position="recency"`; "none" reproduces the original);
+- the drug stream is shifted by one visit: slot 0 holds the profile vector, slot j the drugs of kept
+  visit j-1, so the target visit's drugs (the labels) are never an input;
+- profile encoder: one embedding per categorical field → concat → linear (a learned vector if the
+  dataset has no profile fields);
+- head ReLU → Linear(3d, 128) → ReLU → Linear(128, n_med); the 128-d "mediator" (output of the first
+  Linear) is projected to the teacher dimension for feature distillation.
+
+Losses (`student_loss`): BCE + α·MSE(proj(mediator), teacher) + w·profile alignment (symmetric InfoNCE
+with temperature τ; `align_loss="paper"` leaves the positive out of the denominators as the original).
+
+Everything here is functional: dropout takes an explicit PRNG key (None = deterministic), so a training
+step is a pure function of (params, batch, key) that `jax.jit` compiles once per shape bucket.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+ALIGN_LOSSES = ("infonce", "paper")
+VISIT_POSITIONS = ("none", "recency")
+_NEG = -1e9  # masked attention / contrastive logits (finite, so masked rows stay NaN-free)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentConfig:
+    """Static model shape. `profile_sizes` = number of values per profile field (empty = no profile)."""
+
+    n_diag: int
+    n_proc: int
+    n_med: int
+    profile_sizes: tuple[int, ...] = ()
+    teacher_dim: int | None = None     # None: no KD projector (the no-KD ablation)
+    d: int = 64
+    heads: int = 4
+    ffn: int = 300
+    head_hidden: int = 128
+    max_visits: int = 10
+    visit_position: str = "none"
+    dropout: float = 0.4
+    attn_dropout: float = 0.1
+    ln_eps: float = 1e-12
+
+    def __post_init__(self):
+        if self.d % self.heads:
+            raise ValueError(f"student d={self.d} is not divisible by heads={self.heads}")
+        if self.visit_position not in VISIT_POSITIONS:
+            raise ValueError(f"visit_position must be one of {VISIT_POSITIONS}, got {self.visit_position!r}")
+        for name in ("n_diag", "n_proc", "n_med"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+
+
+# ----------------------------------------------------------------------------------------------- layers
+def _uniform(bound: float):
+    return lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+class Dense(nnx.Module):
+    """x @ kernel + bias with PyTorch's default init U(±1/√fan_in) (as the original student)."""
+
+    def __init__(self, din: int, dout: int, axes: tuple, *, use_bias: bool = True, rngs: nnx.Rngs):
+        init = _uniform(1.0 / math.sqrt(din))
+        self.kernel = nnx.Param(init(rngs.params(), (din, dout)), out_sharding=axes)
+        self.bias = nnx.Param(init(rngs.params(), (dout,)), out_sharding=(axes[1],)) if use_bias else None
+
+    def __call__(self, x):
+        y = x @ self.kernel[...]
+        return y + self.bias[...] if self.bias is not None else y
+
+
+class Embedding(nnx.Module):
+    """Lookup table, N(0, 1) init (PyTorch default), row 0 (padding) zeroed."""
+
+    def __init__(self, n: int, d: int, *, rngs: nnx.Rngs, pad_row: bool = True):
+        table = jax.random.normal(rngs.params(), (n, d), jnp.float32)
+        if pad_row:
+            table = table.at[0].set(0.0)
+        self.table = nnx.Param(table, out_sharding=("vocab", "embed"))
+
+    def __call__(self, ids):
+        return jnp.take(self.table[...], ids, axis=0)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, d: int, eps: float):
+        self.scale = nnx.Param(jnp.ones((d,), jnp.float32), out_sharding=("norm",))
+        self.bias = nnx.Param(jnp.zeros((d,), jnp.float32), out_sharding=("norm",))
+        self.eps = eps
+
+    def __call__(self, x):
+        mu = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mu).mean(-1, keepdims=True)
+        return (x - mu) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+
+
+class Dropout:
+    """Counter-based dropout: the i-th call uses fold_in(key, i); key None = identity (eval)."""
+
+    def __init__(self, key):
+        self.key, self.i = key, 0
+
+    def __call__(self, x, rate: float):
+        if self.key is None or rate <= 0.0:
+            return x
+        self.i += 1
+        keep = jax.random.bernoulli(jax.random.fold_in(self.key, self.i), 1.0 - rate, x.shape)
+        return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+class TransformerBlock(nnx.Module):
+    """G-BERT-style pre-LN block: x + Drop(Attn(LN x)); x + Drop(FFN(LN x)); Drop(x)."""
+
+    def __init__(self, cfg: StudentConfig, *, rngs: nnx.Rngs):
+        d = cfg.d
+        self.heads = cfg.heads
+        self.ln1 = LayerNorm(d, cfg.ln_eps)
+        self.q = Dense(d, d, ("embed", "heads"), use_bias=False, rngs=rngs)
+        self.k = Dense(d, d, ("embed", "heads"), use_bias=False, rngs=rngs)
+        self.v = Dense(d, d, ("embed", "heads"), use_bias=False, rngs=rngs)
+        self.o = Dense(d, d, ("heads", "embed"), rngs=rngs)
+        self.ln2 = LayerNorm(d, cfg.ln_eps)
+        self.w1 = Dense(d, cfg.ffn, ("embed", "mlp"), rngs=rngs)
+        self.w2 = Dense(cfg.ffn, d, ("mlp", "embed"), rngs=rngs)
+        self.rate, self.attn_rate = cfg.dropout, cfg.attn_dropout
+
+    def __call__(self, x, mask, drop: Dropout):
+        """x [N, L, d], mask [N, L] bool (keys that exist)."""
+        n, length, d = x.shape
+        hd = d // self.heads
+        h = self.ln1(x)
+        q, k, v = (f(h).reshape(n, length, self.heads, hd) for f in (self.q, self.k, self.v))
+        s = jnp.einsum("nqhd,nkhd->nhqk", q, k) / math.sqrt(hd)
+        s = jnp.where(mask[:, None, None, :], s, _NEG)
+        p = drop(jax.nn.softmax(s, axis=-1), self.attn_rate)
+        a = self.o(jnp.einsum("nhqk,nkhd->nqhd", p, v).reshape(n, length, d))
+        x = x + drop(a, self.rate)
+        f = self.w2(drop(jax.nn.gelu(self.w1(self.ln2(x)), approximate=True), self.rate))
+        x = x + drop(f, self.rate)
+        return drop(x, self.rate)
+
+
+def masked_mean(x, mask, axis: int):
+    """Mean of x over `axis` where mask is True (count clamped to >= 1, so empty sets give 0)."""
+    m = mask.astype(x.dtype)[..., None]
+    return (x * m).sum(axis) / jnp.maximum(m.sum(axis), 1.0)
+
+
+# ------------------------------------------------------------------------------------------------ model
+class Student(nnx.Module):
+    """LEADER(S). Inputs (one batch, all int32 unless said):
+
+    diag/proc/med [B, V, C*]: token ids per visit slot (0 = pad), visits oldest → newest, left-aligned;
+        `med` is already shifted (slot 0 empty: it receives the profile vector).
+    n_visits [B]: kept visits (0 = padded batch row); profile [B, F]; target [B, Cm] target drug ids
+    (1 + label index, 0 = pad) for the alignment loss.
+    """
+
+    def __init__(self, cfg: StudentConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d = cfg.d
+        self.diag_emb = Embedding(cfg.n_diag + 1, d, rngs=rngs)
+        self.proc_emb = Embedding(cfg.n_proc + 1, d, rngs=rngs)
+        self.med_emb = Embedding(cfg.n_med + 1, d, rngs=rngs)
+        self.diag_enc = TransformerBlock(cfg, rngs=rngs)
+        self.proc_enc = TransformerBlock(cfg, rngs=rngs)
+        self.med_enc = TransformerBlock(cfg, rngs=rngs)
+        self.visit_enc = TransformerBlock(cfg, rngs=rngs)
+        self.recency = (Embedding(cfg.max_visits, d, rngs=rngs, pad_row=False)
+                        if cfg.visit_position == "recency" else None)
+        if cfg.profile_sizes:
+            self.profile_emb = nnx.List([Embedding(n, d, rngs=rngs, pad_row=False) for n in cfg.profile_sizes])
+            self.profile_proj = Dense(len(cfg.profile_sizes) * d, d, ("mlp", "embed"), rngs=rngs)
+            self.profile_vec = None
+        else:
+            self.profile_emb = None
+            self.profile_proj = None
+            self.profile_vec = nnx.Param(jax.random.normal(rngs.params(), (d,)), out_sharding=("embed",))
+        self.head1 = Dense(3 * d, cfg.head_hidden, ("embed", "mlp"), rngs=rngs)
+        self.head2 = Dense(cfg.head_hidden, cfg.n_med, ("mlp", "labels"), rngs=rngs)
+        self.kd_proj = (Dense(cfg.head_hidden, cfg.teacher_dim, ("mlp", "embed"), rngs=rngs)
+                        if cfg.teacher_dim else None)
+        self.align_x = Dense(d, d, ("embed", "mlp"), rngs=rngs)
+        self.align_y = Dense(d, d, ("embed", "mlp"), rngs=rngs)
+
+    # -- pieces
+    def encode_sets(self, emb: Embedding, enc: TransformerBlock, ids, drop: Dropout):
+        """[B, V, C] ids → [B, V, d] (one block over each set, masked mean over its codes)."""
+        b, v, c = ids.shape
+        mask = (ids > 0).reshape(b * v, c)
+        x = enc(emb(ids).reshape(b * v, c, -1), mask, drop)
+        return masked_mean(x, mask, axis=1).reshape(b, v, -1)
+
+    def profile_vector(self, profile):
+        """[B, F] value indices → [B, d]."""
+        if self.profile_emb is None:
+            return jnp.broadcast_to(self.profile_vec[...], (profile.shape[0], self.cfg.d))
+        parts = [emb(profile[:, i]) for i, emb in enumerate(self.profile_emb)]
+        return self.profile_proj(jnp.concatenate(parts, axis=-1))
+
+    def __call__(self, batch: dict, key=None) -> dict:
+        """Returns logits [B, n_med], mediator [B, head_hidden], profile [B, d]."""
+        drop = Dropout(key)
+        nv = batch["n_visits"]
+        v = batch["diag"].shape[1]
+        slots = jnp.arange(v)
+        vmask = slots[None, :] < nv[:, None]
+        prof = self.profile_vector(batch["profile"])
+        dx = self.encode_sets(self.diag_emb, self.diag_enc, batch["diag"], drop)
+        px = self.encode_sets(self.proc_emb, self.proc_enc, batch["proc"], drop)
+        md = self.encode_sets(self.med_emb, self.med_enc, batch["med"], drop)
+        md = jnp.where((slots == 0)[None, :, None], prof[:, None, :], md)
+        streams = jnp.concatenate([dx, px, md], axis=0)                 # [3B, V, d]
+        mask3 = jnp.concatenate([vmask] * 3, axis=0)
+        if self.recency is not None:
+            age = jnp.clip(nv[:, None] - 1 - slots[None, :], 0, self.cfg.max_visits - 1)
+            streams = streams + jnp.concatenate([self.recency(age)] * 3, axis=0)
+        pooled = masked_mean(self.visit_enc(streams, mask3, drop), mask3, axis=1)
+        c = jnp.concatenate(jnp.split(pooled, 3, axis=0), axis=-1)     # [B, 3d]
+        h = self.head1(jax.nn.relu(c))
+        logits = self.head2(jax.nn.relu(h))
+        return {"logits": logits, "mediator": h, "profile": prof}
+
+    def align_pair(self, target, profile_vec, key=None):
+        """Projected target-drug-set embedding x [B, d] and profile embedding y [B, d] (D8: the target
+        set is encoded with the drug stream's own table and encoder)."""
+        e = self.encode_sets(self.med_emb, self.med_enc, target[:, None, :], Dropout(key))[:, 0]
+        return self.align_x(e), self.align_y(profile_vec)
+
+
+def build_student(cfg: StudentConfig, seed: int = 0) -> Student:
+    """Build under the caller's mesh/rules context (see leader_jax.sharding.use_mesh)."""
+    return Student(cfg, rngs=nnx.Rngs(params=seed))
+
+
+# ----------------------------------------------------------------------------------------------- losses
+def info_nce(x, y, valid, tau: float = 1.0, paper: bool = False):
+    """Per-sample symmetric contrastive loss between rows of x and y (positive pairs = same row).
+
+    S_ij = cos(x_i, y_j)/τ; ℓ_j = [lse_i S_ij − S_jj] + [lse_i S_ji − S_jj] over valid i. Standard
+    InfoNCE includes the positive in each log-sum-exp; `paper=True` excludes it (the original, D7).
+    Rows with valid=False get 0, and everything is 0 when fewer than 2 rows are valid."""
+    xn = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-8)
+    yn = y / jnp.maximum(jnp.linalg.norm(y, axis=-1, keepdims=True), 1e-8)
+    s = (xn @ yn.T) / tau
+    pair = valid[:, None] & valid[None, :]
+    if paper:
+        pair = pair & ~jnp.eye(s.shape[0], dtype=bool)
+    sm = jnp.where(pair, s, _NEG)
+    pos = jnp.diagonal(s)
+    loss = (jax.nn.logsumexp(sm, axis=0) - pos) + (jax.nn.logsumexp(sm, axis=1) - pos)
+    ok = valid & (valid.sum() >= 2)
+    return jnp.where(ok, loss, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    alpha: float = 0.4          # KD weight (MIMIC-III; 0.8 for MIMIC-IV)
+    align_weight: float = 0.005  # w (MIMIC-III; 0.01 for MIMIC-IV)
+    tau: float = 1.0
+    align_loss: str = "infonce"
+    distill: bool = True
+
+    def __post_init__(self):
+        if self.align_loss not in ALIGN_LOSSES:
+            raise ValueError(f"align_loss must be one of {ALIGN_LOSSES}, got {self.align_loss!r}")
+
+
+def kd_loss(model: Student, mediator, teacher):
+    """Per-sample MSE between the projected mediator and the teacher hidden state (mean over dims)."""
+    return jnp.square(model.kd_proj(mediator) - teacher.astype(jnp.float32)).mean(-1)
+
+
+def student_loss(model: Student, batch: dict, lc: LossConfig, key=None) -> tuple[Any, dict]:
+    """Mean over real rows (batch["weight"] = 1) of BCE + α·KD + w·align; returns (loss, parts)."""
+    k_main = k_align = None
+    if key is not None:
+        k_main, k_align = jax.random.split(key)
+    out = model(batch, k_main)
+    w = batch["weight"].astype(jnp.float32)
+    denom = jnp.maximum(w.sum(), 1.0)
+    bce = optax.losses.sigmoid_binary_cross_entropy(out["logits"], batch["labels"].astype(jnp.float32)).mean(-1)
+    per = bce
+    parts = {"bce": (bce * w).sum() / denom}
+    if lc.distill:
+        kd = kd_loss(model, out["mediator"], batch["teacher"])
+        per = per + lc.alpha * kd
+        parts["kd"] = (kd * w).sum() / denom
+    if lc.align_weight:
+        x, y = model.align_pair(batch["target"], out["profile"], k_align)
+        al = info_nce(x, y, w > 0, lc.tau, paper=lc.align_loss == "paper")
+        per = per + lc.align_weight * al
+        parts["align"] = (al * w).sum() / denom
+    loss = (per * w).sum() / denom
+    parts["loss"] = loss
+    return loss, parts
