@@ -123,7 +123,7 @@ def write_mimic3(out_dir, n_patients: int, seed: int = 0, compress: bool = False
     pxt = pd.DataFrame({"ROW_ID": np.arange(1, len(r_v) + 1), "SUBJECT_ID": subj[v_pat[r_v]],
                         "HADM_ID": hadm[r_v], "SEQ_NUM": np.arange(len(r_v)) - np.repeat(np.cumsum(pcnt) - pcnt, pcnt) + 1,
                         "ICD9_CODE": px_codes[c]})
-    r_v, c = rows(rng.integers(8, 60, size=nv), cond_atc, len(atcs), 0.1)
+    r_v, c = rows(rng.integers(10, 110, size=nv), cond_atc, len(atcs), 0.1)   # ≈60 rows/admission (MIMIC-III: ≈70)
     atc = atcs[c]
     ndc_lists = [pool[a] for a in atcs]
     ndc = np.array([ndc_lists[i][j % len(ndc_lists[i])] for i, j in
