@@ -1,0 +1,61 @@
+"""Stage 1 on CPU: a tiny LLaMA trained from scratch (all weights) + a byte-level BPE tokenizer, on the
+training-split prompts + ICD/ATC titles. Output PRE/base feeds configs/teacher_tiny.py (model.path).
+
+python -m leader_jax.train.pretrain --config configs/pretrain_tiny.py --config.data_dir=PREPARED --out PRE
+"""
+from pathlib import Path
+
+from ml_collections import ConfigDict
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    c.config_name = "pretrain_tiny"
+    c.data_dir = ""
+    c.out = ""
+    c.seed = 0
+    c.mesh = (1, -1, 1)
+    c.mode = "full"                      # full (all weights) | adapter (DomainLoRA on a frozen HF base)
+
+    c.model = ConfigDict()
+    c.model.source = "scratch"           # scratch | hf
+    c.model.path = ""
+    c.model.param_dtype = "float32"
+    c.model.dtype = "float32"
+    c.model.frozen_dtype = "float32"
+    c.model.remat = "none"
+    c.model.attention_impl = ""
+    c.model.arch = ConfigDict(dict(vocab_size=2048, hidden_size=64, intermediate_size=176,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                                   pad_token_id=0))
+
+    c.tokenizer = ConfigDict(dict(train=True, vocab_size=2048, path=""))
+
+    c.domain = ConfigDict(dict(rank=16, alpha=32.0, dropout=0.0, targets="q,v"))   # mode=adapter (paper A.1)
+
+    c.corpus = ConfigDict()
+    c.corpus.title_sources = (str(DATA / "mimic3_demo" / "D_ICD_DIAGNOSES.csv.gz") + ":long_title",
+                              str(DATA / "mimic3_demo" / "D_ICD_PROCEDURES.csv.gz") + ":long_title",
+                              str(DATA / "mappings" / "WHO ATC-DDD 2021-12-03.csv") + ":atc_name")
+    c.corpus.max_titles = 8000           # random subset of the titles (0 = all)
+    c.corpus.pack_chars = 600            # titles joined into documents of about this many characters
+    c.corpus.heldout_fraction = 0.05
+
+    c.data = ConfigDict(dict(max_len=256, max_history=3, profile=False))
+
+    c.train = ConfigDict()
+    c.train.steps = 200
+    c.train.micro_batch = 16
+    c.train.accum = 2
+    c.train.optim = ConfigDict(dict(lr=3e-3, warmup_steps=20, weight_decay=0.0, b1=0.9, b2=0.95,
+                                    eps=1e-8, clip_norm=1.0))
+    c.train.ckpt_every = 100
+    c.train.resume = True
+    c.train.stop_after = 0
+    c.eval_batch_size = 64
+
+    c.distributed = ConfigDict(dict(coordinator="", num_processes=0, process_id=0, auto=False))
+    return c

@@ -1,0 +1,58 @@
+"""Stage 2 (teacher) on CPU: the tiny LLaMA from stage 1 (`configs/pretrain_tiny.py`) + task LoRA + head.
+
+python -m leader_jax.train.teacher --config configs/teacher_tiny.py \
+    --config.data_dir=PREPARED --config.model.path=PRE/base --out RUN
+"""
+from ml_collections import ConfigDict
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    c.config_name = "teacher_tiny"
+    c.data_dir = ""                    # prepared data folder (python -m leader_jax.data.prepare)
+    c.out = ""                         # run folder (--out)
+    c.seed = 0
+    c.mesh = (1, -1, 1)                # (data, fsdp, tensor); -1 = all remaining devices
+
+    c.model = ConfigDict()
+    c.model.source = "hf"              # hf (an HF LLaMA folder, e.g. stage 1's PRE/base) | scratch
+    c.model.path = ""
+    c.model.param_dtype = "float32"    # dtype the base is loaded in
+    c.model.dtype = "float32"          # compute dtype
+    c.model.frozen_dtype = "float32"   # cast of the frozen base inside the train step (bfloat16 on GPU/TPU)
+    c.model.remat = "none"             # none | full | dots | minimal | ... (llama.REMAT_POLICIES)
+    c.model.attention_impl = ""        # "" = xla; "cudnn" on GPU
+    c.model.arch = ConfigDict(dict(vocab_size=2048, hidden_size=64, intermediate_size=176,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   bos_token_id=1, eos_token_id=2, pad_token_id=0))  # source=scratch only
+    c.tokenizer = ""                   # "" = model.path
+
+    c.data = ConfigDict()
+    c.data.max_len = 256               # BOS + prompt + EOS; oldest history visits dropped to fit (D11);
+                                       # a train sample whose current visit alone is longer is dropped (counted)
+    c.data.eval_max_len = 512          # val/test/features (never dropped: too long is an error)
+    c.data.max_history = 3
+    c.data.profile = False
+
+    c.lora = ConfigDict()
+    c.lora.domain_path = ""            # stage-1 domain adapter (PEFT folder); "" = none
+    c.lora.domain_trainable = False
+    c.lora.task = ConfigDict(dict(rank=8, alpha=32.0, dropout=0.1, targets="q,k,v,o,gate,up,down"))
+
+    c.train = ConfigDict()
+    c.train.steps = 300
+    c.train.micro_batch = 16           # sequences per micro-batch (multiple of data*fsdp)
+    c.train.accum = 2                  # gradient accumulation -> 32 sequences / step (the paper's)
+    c.train.optim = ConfigDict(dict(lr=2e-3, warmup_steps=10, weight_decay=0.0, b1=0.9, b2=0.999,
+                                    eps=1e-8, clip_norm=1.0))
+    c.train.eval_every = 50            # validation PRAUC; best step kept (D13); 0 = keep last
+    c.train.ckpt_every = 50
+    c.train.resume = True
+    c.train.stop_after = 0             # >0: stop after this step without finishing (kill simulation)
+
+    c.eval = ConfigDict()
+    c.eval.batch_size = 64
+    c.eval.splits = ("val", "test")
+
+    c.distributed = ConfigDict(dict(coordinator="", num_processes=0, process_id=0, auto=False))
+    return c

@@ -1,0 +1,50 @@
+"""LEADER(T): LLaMA (+ LoRA adapters) with a bias-free drug head on the last real token.
+
+The prompt is `BOS + prompt + EOS`, right-padded; the pooled feature is the final-RMSNorm hidden state at
+index `length - 1` (the EOS), taken from explicit lengths (leader.md D10, D12). The head maps it to
+`n_med` logits; the loss is mean sigmoid BCE over batch x drugs (optax). The pooled state (after every
+adapter's delta) is also what the feature store keeps for distillation.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from leader_jax.models.llama import Llama, pool_last
+
+
+class HeadParam(nnx.Param):
+    """Drug-head weights: always trained in stage 2, saved together with the task adapter."""
+
+
+class Teacher(nnx.Module):
+    """`teacher(ids, mask)` -> (logits fp32 [B, n_med], pooled hidden fp32 [B, D])."""
+
+    def __init__(self, llama: Llama, n_med: int, *, rngs: nnx.Rngs, std: float = 0.02):
+        self.llama = llama
+        d = llama.config.hidden_size
+        self.head = HeadParam(std * jax.random.normal(rngs.params(), (d, n_med), jnp.float32),
+                              out_sharding=("embed", "labels"))
+        self.n_med = int(n_med)
+
+    def __call__(self, input_ids, attention_mask):
+        hidden = self.llama.hidden_states(input_ids, attention_mask)
+        pooled = pool_last(hidden, attention_mask).astype(jnp.float32)
+        logits = pooled @ self.head[...]
+        return logits, pooled
+
+
+def bce_loss(logits, labels):
+    """Mean sigmoid binary cross-entropy over batch x drugs (the original's BCEWithLogits)."""
+    return jnp.mean(optax.losses.sigmoid_binary_cross_entropy(logits, labels.astype(logits.dtype)))
+
+
+def causal_lm_loss(logits, input_ids, attention_mask):
+    """Next-token NLL averaged over real (non-pad) target tokens; returns (loss, n_tokens)."""
+    targets = input_ids[:, 1:]
+    weights = attention_mask[:, 1:].astype(jnp.float32)
+    nll = optax.losses.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), targets)
+    n = jnp.sum(weights)
+    return jnp.sum(nll * weights) / jnp.maximum(n, 1.0), n

@@ -1,0 +1,104 @@
+"""Shared set-up of the training stages: distributed init, mesh, base model + tokenizer loading, logs.
+
+A base model comes from one of: `hf` (an HF LLaMA folder, e.g. stage 1's `PRE/base`, with its tokenizer),
+or `scratch` (random init of a `LlamaConfig` preset; stage 1 of the tiny demo). Tokenizers are loaded with
+`transformers.AutoTokenizer` (never `trust_remote_code`) or from a `tokenizer.json` file.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+from ml_collections import ConfigDict
+
+from leader_jax import sharding as shd
+from leader_jax.cli import UserError
+from leader_jax.io import JsonlLogger, atomic_write_json, read_jsonl
+from leader_jax.train import distributed
+
+
+def setup_distributed(cfg: ConfigDict) -> None:
+    """Multi-process init from config/env (before any JAX computation)."""
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)          # orbax logs every file it writes at INFO
+    d = cfg.get("distributed", ConfigDict())
+    distributed.maybe_initialize(coordinator=d.get("coordinator") or None,
+                                 num_processes=d.get("num_processes") or None,
+                                 process_id=d.get("process_id") if d.get("num_processes") else None,
+                                 auto=bool(d.get("auto", False)))
+
+
+def make_mesh(cfg: ConfigDict):
+    shape = tuple(int(s) for s in cfg.mesh)
+    try:
+        return shd.make_mesh(shape)
+    except ValueError as e:
+        raise UserError(f"config mesh={shape}: {e}") from None
+
+
+def llama_overrides(mcfg: ConfigDict) -> dict[str, Any]:
+    out = {"remat": mcfg.get("remat", "none")}
+    if mcfg.get("attention_impl"):
+        out["attention_impl"] = mcfg.attention_impl
+    return out
+
+
+def load_tokenizer(path: str | Path):
+    """An HF tokenizer from a folder (AutoTokenizer, no remote code) or a `tokenizer.json` file."""
+    path = Path(path)
+    if path.is_file():
+        from tokenizers import Tokenizer
+        return Tokenizer.from_file(str(path))
+    if not path.exists():
+        raise UserError(f"tokenizer not found: {path}")
+    if (path / "tokenizer_config.json").exists() or (path / "tokenizer.model").exists():
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    if (path / "tokenizer.json").exists():
+        from tokenizers import Tokenizer
+        return Tokenizer.from_file(str(path / "tokenizer.json"))
+    raise UserError(f"{path}: no tokenizer.json / tokenizer_config.json")
+
+
+def load_base(mcfg: ConfigDict, mesh, seed: int):
+    """(LlamaConfig, Llama on `mesh`) from `model.source` = hf | scratch."""
+    from leader_jax.models import llama
+
+    if mcfg.source == "hf":
+        if not mcfg.path:
+            raise UserError("model.source=hf needs model.path (an HF LLaMA folder)")
+        if not (Path(mcfg.path) / "config.json").exists():
+            raise UserError(f"model.path={mcfg.path}: no config.json (not an HF LLaMA folder)")
+        return llama.load_hf(mcfg.path, dtype=mcfg.param_dtype, mesh=mesh,
+                             compute_dtype=mcfg.get("dtype") or None, **llama_overrides(mcfg))
+    if mcfg.source == "scratch":
+        arch = dict(mcfg.arch)
+        conf = llama.LlamaConfig(**arch, param_dtype=mcfg.param_dtype,
+                                 dtype=mcfg.get("dtype") or mcfg.param_dtype, **llama_overrides(mcfg))
+        from leader_jax.train.engine import place
+        return conf, place(llama.init_model(conf, seed=seed), mesh)
+    raise UserError(f"model.source={mcfg.source!r}; expected 'hf' or 'scratch'")
+
+
+def open_log(run: Path, resume_step: int) -> JsonlLogger:
+    """metrics.jsonl logger for process 0; on resume, records after the restored step are dropped
+    (they belong to steps that will be replayed)."""
+    path = run / "metrics.jsonl"
+    main = distributed.is_main_process()
+    if main and path.exists():
+        keep = [r for r in read_jsonl(path) if int(r.get("step", 0)) <= resume_step]
+        from leader_jax.io import atomic_write_text
+        atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
+    return JsonlLogger(path, enabled=main)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    if distributed.is_main_process():
+        atomic_write_json(path, obj)
+
+
+def mesh_info(mesh) -> dict[str, Any]:
+    return {"mesh": dict(mesh.shape), "devices": jax.device_count(), "processes": jax.process_count(),
+            "platform": jax.devices()[0].platform}

@@ -1,0 +1,186 @@
+"""Prompt tokenisation and deterministic, per-process batches for the teacher (and stage-1 text).
+
+Encoding (leader.md D10-D12): `BOS + prompt + EOS`, explicit lengths, right padding to a static length.
+A prompt that does not fit loses its *oldest shown* history visits first (D11), never the current visit;
+truncations are counted. A prompt whose current visit alone does not fit is an error naming the sample.
+
+Batches: the sample order is an endless concatenation of per-epoch permutations seeded by (seed, epoch),
+and step `s` takes stream positions `[s*G, (s+1)*G)`, G = accumulation x micro-batch. The data position is
+therefore a pure function of the step (exact resume). Each process gathers only the rows that live on its
+own devices and assembles the global array with `make_array_from_process_local_data`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from leader_jax.train import distributed
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids without special tokens, for a `tokenizers.Tokenizer` or a transformers tokenizer."""
+    try:
+        out = tokenizer.encode(text, add_special_tokens=False)
+    except TypeError:
+        out = tokenizer.encode(text)
+    return list(out.ids) if hasattr(out, "ids") else list(out)
+
+
+@dataclasses.dataclass
+class SpecialIds:
+    bos: int
+    eos: int
+    pad: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any, bos: int | None = None, eos: int | None = None,
+                       pad: int | None = None) -> "SpecialIds":
+        def tok_id(*names):
+            for n in names:
+                if hasattr(tokenizer, "token_to_id"):
+                    i = tokenizer.token_to_id(n)
+                else:
+                    i = tokenizer.convert_tokens_to_ids(n)
+                    i = None if i == getattr(tokenizer, "unk_token_id", -1) and n != getattr(
+                        tokenizer, "unk_token", None) else i
+                if i is not None:
+                    return int(i)
+            return None
+
+        bos = bos if bos is not None else (getattr(tokenizer, "bos_token_id", None) or tok_id("<s>", "<bos>"))
+        eos = eos if eos is not None else (getattr(tokenizer, "eos_token_id", None) or tok_id("</s>", "<eos>"))
+        if pad is None:
+            pad = getattr(tokenizer, "pad_token_id", None)
+            pad = pad if pad is not None else tok_id("<pad>", "<unk>")
+        if bos is None or eos is None:
+            raise ValueError("tokenizer has no BOS/EOS token; set data.bos_id / data.eos_id")
+        return cls(int(bos), int(eos), int(pad if pad is not None else 0))
+
+
+@dataclasses.dataclass
+class Encoded:
+    """Right-padded token ids of one split, with the bookkeeping the teacher and the store need."""
+    ids: np.ndarray            # int32 [N, T]
+    lengths: np.ndarray        # int32 [N]
+    sample_ids: list[str]
+    labels: np.ndarray | None  # uint8 [N, n_med]
+    single_visit: np.ndarray   # bool [N]
+    n_truncated: int = 0       # prompts that lost history visits to fit
+    n_history_dropped: int = 0  # history visits removed in total
+    dropped_ids: list[str] = dataclasses.field(default_factory=list)  # samples whose current visit is too long
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def mask(self, rows=None) -> np.ndarray:
+        lengths = self.lengths if rows is None else self.lengths[rows]
+        return (np.arange(self.ids.shape[1])[None, :] < lengths[:, None]).astype(np.int32)
+
+
+def encode_samples(samples: Sequence[Any], vocab: Any, tokenizer: Any, special: SpecialIds, max_len: int, *,
+                   max_history: int = 3, profile: bool = False, labels: np.ndarray | None = None,
+                   build_prompt: Callable | None = None, split: str = "", overlong: str = "error") -> Encoded:
+    """Tokenise teacher prompts; drop the oldest shown history visits until `BOS+prompt+EOS <= max_len`.
+
+    A sample whose current visit alone is longer than `max_len` raises (overlong="error", evaluation
+    splits) or is left out and listed in `dropped_ids` (overlong="drop", training split)."""
+    if build_prompt is None:
+        from leader_jax.data.prompts import build_prompt
+    if overlong not in ("error", "drop"):
+        raise ValueError(f"overlong={overlong!r}; expected error | drop")
+    n = len(samples)
+    ids = np.full((n, max_len), special.pad, dtype=np.int32)
+    lengths = np.zeros((n,), np.int32)
+    n_trunc = n_dropped = 0
+    keep = np.ones((n,), bool)
+    for i, s in enumerate(samples):
+        shown = min(max_history, len(s.history))
+        for h in range(shown, -1, -1):
+            toks = [special.bos] + encode_text(tokenizer, build_prompt(s, vocab, max_history=h,
+                                                                          profile=profile)) + [special.eos]
+            if len(toks) <= max_len:
+                break
+        else:
+            if overlong == "drop":
+                keep[i] = False
+                continue
+            raise ValueError(f"{split or 'data'} sample {s.id!r}: the current visit alone needs {len(toks)} "
+                             f"tokens > max_len={max_len}; raise data.eval_max_len / data.max_len "
+                             f"(the current visit is never cut)")
+        if h < shown:
+            n_trunc += 1
+            n_dropped += shown - h
+        ids[i, :len(toks)] = toks
+        lengths[i] = len(toks)
+    return Encoded(ids=ids[keep], lengths=lengths[keep], sample_ids=[s.id for s, k in zip(samples, keep) if k],
+                   labels=None if labels is None else labels[keep],
+                   single_visit=np.array([s.single_visit for s, k in zip(samples, keep) if k], dtype=bool),
+                   n_truncated=n_trunc, n_history_dropped=n_dropped,
+                   dropped_ids=[s.id for s, k in zip(samples, keep) if not k])
+
+
+def encode_texts(texts: Sequence[str], tokenizer: Any, special: SpecialIds, max_len: int) -> Encoded:
+    """Stage-1 corpus: `BOS + text + EOS`, cut to max_len (plain LM text has no current visit to keep)."""
+    n = len(texts)
+    ids = np.full((n, max_len), special.pad, dtype=np.int32)
+    lengths = np.zeros((n,), np.int32)
+    n_trunc = 0
+    for i, t in enumerate(texts):
+        toks = [special.bos] + encode_text(tokenizer, t) + [special.eos]
+        if len(toks) > max_len:
+            toks, n_trunc = toks[:max_len], n_trunc + 1
+        ids[i, :len(toks)] = toks
+        lengths[i] = len(toks)
+    return Encoded(ids=ids, lengths=lengths, sample_ids=[str(i) for i in range(n)], labels=None,
+                   single_visit=np.zeros((n,), bool), n_truncated=n_trunc)
+
+
+def stream_indices(n: int, start: int, count: int, seed: int) -> np.ndarray:
+    """Positions [start, start+count) of the endless stream of per-epoch permutations of range(n)."""
+    out = np.empty((count,), np.int64)
+    pos, k = start, 0
+    while k < count:
+        epoch, off = divmod(pos, n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        take = min(n - off, count - k)
+        out[k:k + take] = perm[off:off + take]
+        k, pos = k + take, pos + take
+    return out
+
+
+def train_batch(enc: Encoded, step: int, accum: int, micro: int, seed: int, mesh) -> tuple[dict, int]:
+    """Global batch of `step` as sharded arrays [accum, micro, ...]; returns (batch, real tokens)."""
+    from leader_jax.train.engine import stacked_batch_sharding
+
+    g = accum * micro
+    idx = stream_indices(len(enc), step * g, g, seed).reshape(accum, micro)
+    t = enc.ids.shape[1]
+    sh = stacked_batch_sharding(mesh, 3)
+    local = distributed.local_rows(sh, (accum, micro, t), axis=1)
+    rows = idx[:, local]                                  # only this process's share
+    batch = {"input_ids": distributed.global_array(enc.ids[rows], sh, (accum, micro, t)),
+             "attention_mask": distributed.global_array(enc.mask(rows.ravel()).reshape(rows.shape + (t,)),
+                                                        sh, (accum, micro, t))}
+    if enc.labels is not None:
+        m = enc.labels.shape[1]
+        batch["labels"] = distributed.global_array(enc.labels[rows], stacked_batch_sharding(mesh, 3),
+                                                   (accum, micro, m))
+    return batch, int(enc.lengths[idx].sum())
+
+
+def eval_batches(enc: Encoded, batch_size: int, mesh):
+    """Yield (row indices, sharded {input_ids, attention_mask} [B, T]) over the split, last batch padded."""
+    from leader_jax.sharding import batch_sharding
+
+    n, t = len(enc), enc.ids.shape[1]
+    sh = batch_sharding(mesh, 2)
+    for start in range(0, n, batch_size):
+        rows = np.arange(start, min(start + batch_size, n))
+        full = np.concatenate([rows, np.full(batch_size - len(rows), rows[-1])]) if len(rows) < batch_size \
+            else rows
+        local = distributed.local_rows(sh, (batch_size, t), axis=0)
+        sel = full[local]
+        yield rows, {"input_ids": distributed.global_array(enc.ids[sel], sh, (batch_size, t)),
+                     "attention_mask": distributed.global_array(enc.mask(sel), sh, (batch_size, t))}

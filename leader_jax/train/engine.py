@@ -1,0 +1,212 @@
+"""Sharded functional training engine shared by stage 1 (causal LM) and stage 2 (teacher).
+
+The model is split once into (trainable, dropout keys, frozen) by an nnx filter; only `trainable` is
+differentiated and has optimizer state (jax_stack.md §2/§3). One `jax.jit` step with explicit
+in/out shardings (donating params and optimizer state) does gradient accumulation over micro-batches with
+`lax.scan`, global-norm clipping and AdamW. The frozen base may be cast to bf16; adapters, head, optimizer
+state and the loss stay fp32. Dropout keys are folded with (step, micro-batch), so a resumed run replays
+the same masks, and the data position is a pure function of the step: resuming is exact.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from leader_jax import sharding as shd
+from leader_jax.models import lora
+
+
+def place(module: nnx.Module, mesh) -> nnx.Module:
+    """Put every variable of `module` on `mesh` with the sharding of its logical axes."""
+    state = nnx.state(module)
+    nnx.update(module, jax.device_put(state, shd.state_shardings(state, mesh)))
+    return module
+
+
+def _shardings(tree):
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _cast_floating(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def stacked_batch_sharding(mesh, ndim: int) -> NamedSharding:
+    """[accum, B, ...] arrays: the micro-batch axis (1) over ("data", "fsdp")."""
+    return NamedSharding(mesh, P(None, ("data", "fsdp"), *([None] * (ndim - 2))))
+
+
+LossFn = Callable[[nnx.Module, dict], tuple[jax.Array, dict]]
+OutFn = Callable[[nnx.Module, dict], Any]
+
+
+class Engine:
+    """Holds (graphdef, trainable, keys, frozen, opt_state) on a mesh and runs jitted train/predict steps."""
+
+    def __init__(self, model: nnx.Module, trainable: Any, tx: optax.GradientTransformation, mesh,
+                 loss_fn: LossFn, *, frozen_dtype: str | None = None, predict_fn: OutFn | None = None):
+        self.mesh, self.tx, self.loss_fn, self.predict_fn = mesh, tx, loss_fn, predict_fn
+        self.filters = (trainable, lora.LoRADropoutKey, ...)
+        lora.set_deterministic(model, True)
+        self.graphdef_eval = nnx.split(model, *self.filters)[0]
+        lora.set_deterministic(model, False)
+        self.graphdef, self.trainable, self.keys, self.frozen = nnx.split(model, *self.filters)
+        if not jax.tree.leaves(self.trainable):
+            raise ValueError("the trainable filter selects no parameter")
+        if frozen_dtype and frozen_dtype not in ("float32", "fp32"):
+            from leader_jax.models.llama import to_dtype
+            self.frozen = _cast_floating(self.frozen, to_dtype(frozen_dtype))
+        with jax.set_mesh(mesh):
+            self.opt_state = jax.jit(tx.init)(self.trainable)
+        self.step = 0
+        self._train = None
+        self._predict = None
+
+    # ------------------------------------------------------------------ counts
+    def n_trainable(self) -> int:
+        return int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.trainable)))
+
+    def n_frozen(self) -> int:
+        return int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.frozen)))
+
+    # ------------------------------------------------------------------ train step
+    def _build_train(self, batch):
+        graphdef, loss_fn, tx = self.graphdef, self.loss_fn, self.tx
+
+        def step_fn(trainable, opt_state, keys, frozen, batch, step):
+            accum = jax.tree.leaves(batch)[0].shape[0]
+
+            def micro(carry, xs):
+                g_acc, l_acc = carry
+                mb, i = xs
+                k = jax.tree.map(lambda key: jax.random.fold_in(jax.random.fold_in(key, step), i), keys)
+
+                def lf(tr):
+                    loss, _ = loss_fn(nnx.merge(graphdef, tr, k, frozen), mb)
+                    return loss
+
+                loss, g = jax.value_and_grad(lf)(trainable)
+                return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss), None
+
+            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
+            (g, loss), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)),
+                                        (batch, jnp.arange(accum)))
+            g = jax.tree.map(lambda x, p: (x / accum).astype(p.dtype), g, trainable)
+            loss = loss / accum
+            gnorm = optax.global_norm(g)
+            updates, opt_state = tx.update(g, opt_state, trainable)
+            trainable = optax.apply_updates(trainable, updates)
+            return trainable, opt_state, {"loss": loss, "grad_norm": gnorm}
+
+        rep = NamedSharding(self.mesh, P())
+        tr_sh, opt_sh = _shardings(self.trainable), _shardings(self.opt_state)
+        in_sh = (tr_sh, opt_sh, _shardings(self.keys), _shardings(self.frozen),
+                 jax.tree.map(lambda x: stacked_batch_sharding(self.mesh, x.ndim), batch), rep)
+        out_sh = (tr_sh, opt_sh, {"loss": rep, "grad_norm": rep})
+        return jax.jit(step_fn, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(0, 1))
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        """One optimizer step on a global batch `{name: jax.Array [accum, B, ...]}` (already sharded)."""
+        if self._train is None:
+            self._train = self._build_train(batch)
+        with jax.set_mesh(self.mesh):
+            self.trainable, self.opt_state, metrics = self._train(
+                self.trainable, self.opt_state, self.keys, self.frozen, batch,
+                jnp.asarray(self.step, jnp.int32))
+        self.step += 1
+        return {k: float(v) for k, v in metrics.items()}
+
+    # ------------------------------------------------------------------ inference
+    def predict(self, batch: dict):
+        """`predict_fn(model, batch)` with dropout off; `batch` arrays [B, ...] sharded over the batch."""
+        if self.predict_fn is None:
+            raise ValueError("Engine was built without predict_fn")
+        if self._predict is None:
+            graphdef, fn = self.graphdef_eval, self.predict_fn
+
+            def pred(trainable, keys, frozen, batch):
+                return fn(nnx.merge(graphdef, trainable, keys, frozen), batch)
+
+            self._predict = jax.jit(pred)
+        with jax.set_mesh(self.mesh):
+            return self._predict(self.trainable, self.keys, self.frozen, batch)
+
+    def model(self, eval_mode: bool = True) -> nnx.Module:
+        """A live module view of the current parameters (shares arrays; do not train it)."""
+        return nnx.merge(self.graphdef_eval if eval_mode else self.graphdef, self.trainable, self.keys,
+                         self.frozen)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, ckpt: "Checkpointer", meta: dict | None = None) -> None:
+        ckpt.save(self.step, self.trainable, self.opt_state, {"step": self.step, **(meta or {})})
+
+    def restore(self, ckpt: "Checkpointer", step: int | None = None, with_opt: bool = True) -> dict:
+        """Restore onto *this* engine's mesh/shardings (any saved mesh shape works)."""
+        tr, opt, meta = ckpt.restore(step, _abstract(self.trainable),
+                                     _abstract(self.opt_state) if with_opt else None)
+        self.trainable = tr
+        if with_opt:
+            self.opt_state = opt
+            self.step = int(meta["step"])
+        return meta
+
+
+class Checkpointer:
+    """orbax CheckpointManager over {trainable, opt, meta(json)}; every process calls save/restore."""
+
+    def __init__(self, directory: str | Path, max_to_keep: int = 2):
+        import orbax.checkpoint as ocp
+
+        self.ocp = ocp
+        self.directory = Path(directory).absolute()
+        self.mngr = ocp.CheckpointManager(self.directory,
+                                          options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep))
+
+    def latest_step(self) -> int | None:
+        return self.mngr.latest_step()
+
+    def save(self, step: int, trainable, opt_state, meta: dict) -> None:
+        ocp = self.ocp
+        items = {"trainable": ocp.args.StandardSave(trainable), "meta": ocp.args.JsonSave(meta)}
+        if opt_state is not None:
+            items["opt"] = ocp.args.StandardSave(opt_state)
+        self.mngr.save(step, args=ocp.args.Composite(**items), force=True)
+        self.mngr.wait_until_finished()
+
+    def restore(self, step, abstract_trainable, abstract_opt=None):
+        ocp = self.ocp
+        step = self.mngr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        items = {"trainable": ocp.args.StandardRestore(abstract_trainable), "meta": ocp.args.JsonRestore()}
+        if abstract_opt is not None:
+            items["opt"] = ocp.args.StandardRestore(abstract_opt)
+        out = self.mngr.restore(step, args=ocp.args.Composite(**items))
+        return out["trainable"], (out["opt"] if abstract_opt is not None else None), dict(out["meta"])
+
+    def close(self) -> None:
+        self.mngr.close()
+
+
+class StepTimer:
+    """Wall time of a step and tokens/s for the metrics log."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def lap(self, tokens: int) -> dict[str, float]:
+        t = time.perf_counter()
+        dt, self.t0 = t - self.t0, t
+        return {"step_time": dt, "tokens_per_s": tokens / dt if dt > 0 else 0.0}

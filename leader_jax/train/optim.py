@@ -1,0 +1,31 @@
+"""Optimizer for adapter/head training: AdamW + linear warmup then linear decay to 0, global-norm clipping.
+
+Only the trainable subset of the model is ever passed to `tx.init`/`tx.update`, so frozen weights get
+neither gradients nor optimizer state (no `optax.masked`, see jax_stack.md §3)."""
+from __future__ import annotations
+
+import optax
+
+
+def make_schedule(lr: float, total_steps: int, warmup_steps: int = 0, end_lr: float = 0.0) -> optax.Schedule:
+    """0 -> lr linearly over `warmup_steps`, then lr -> end_lr linearly until `total_steps`."""
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps}")
+    if not 0 <= warmup_steps < total_steps:
+        raise ValueError(f"warmup_steps must be in [0, total_steps), got {warmup_steps} of {total_steps}")
+    decay = optax.linear_schedule(lr, end_lr, total_steps - warmup_steps)
+    if warmup_steps == 0:
+        return decay
+    warm = optax.linear_schedule(0.0, lr, warmup_steps)
+    return optax.join_schedules([warm, decay], [warmup_steps])
+
+
+def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """`cfg` fields: lr, total_steps, warmup_steps, weight_decay, b1, b2, eps, clip_norm (<=0: none)."""
+    schedule = make_schedule(float(cfg.lr), int(cfg.total_steps), int(cfg.warmup_steps))
+    parts = []
+    if float(cfg.clip_norm) > 0:
+        parts.append(optax.clip_by_global_norm(float(cfg.clip_norm)))
+    parts.append(optax.adamw(schedule, b1=float(cfg.b1), b2=float(cfg.b2), eps=float(cfg.eps),
+                             weight_decay=float(cfg.weight_decay)))
+    return optax.chain(*parts), schedule

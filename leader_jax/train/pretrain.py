@@ -1,0 +1,248 @@
+"""Stage 1, domain adaptation: `python -m leader_jax.train.pretrain --config configs/pretrain_tiny.py --out PRE`.
+
+Causal-LM training on clinical text = the training split's teacher prompts (never val/test: their drugs
+are labels) + ICD/ATC titles from the bundled dictionaries. Two modes:
+- `mode=full`: every weight is trained (a tiny LLaMA from scratch, with a byte-level BPE tokenizer
+  trained here on the same corpus). Writes `PRE/base/` (HF folder: config, safetensors, tokenizer).
+- `mode=adapter`: a frozen base (HF folder) + a `DomainLoRA` adapter (Clinical LLaMA-LoRA step 1).
+  Writes `PRE/domain_adapter/` (HF PEFT format) for stage 2's `lora.domain_path`.
+Both report held-out perplexity before and after (a 5 % held-out slice of the corpus). What this measures
+is vocabulary/ontology adaptation on open text, not clinical-note adaptation (seeds_peft_retrieval.md A.4).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from ml_collections import ConfigDict
+
+from leader_jax.cli import UserError
+from leader_jax.io import progress
+from leader_jax.models import lora
+from leader_jax.models.teacher import causal_lm_loss
+from leader_jax.train import common, data as tdata, distributed
+from leader_jax.train.engine import Checkpointer, Engine, StepTimer
+from leader_jax.train.optim import make_optimizer
+
+SPECIAL = ("<unk>", "<s>", "</s>")   # ids 0, 1, 2 (LLaMA convention: pad = unk = 0, bos 1, eos 2)
+
+
+# ----------------------------------------------------------------------------------------- corpus
+def read_titles(spec: str) -> list[str]:
+    """`path:column` -> the non-empty strings of that column (csv/csv.gz, every column read as str)."""
+    import pandas as pd
+
+    path, _, column = spec.rpartition(":")
+    if not path:
+        raise UserError(f"corpus title source {spec!r} must be PATH:COLUMN")
+    if not Path(path).exists():
+        raise UserError(f"corpus title file not found: {path}")
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    cols = {c.lower(): c for c in df.columns}
+    if column.lower() not in cols:
+        raise UserError(f"{path}: no column {column!r} (has {list(df.columns)})")
+    return [t.strip() for t in df[cols[column.lower()]].tolist() if t and t.strip() and t != "NA"]
+
+
+def pack(lines: list[str], max_chars: int) -> list[str]:
+    """Join short lines into documents of about `max_chars` characters (newline separated)."""
+    docs, cur, n = [], [], 0
+    for line in lines:
+        if cur and n + len(line) + 1 > max_chars:
+            docs.append("\n".join(cur))
+            cur, n = [], 0
+        cur.append(line)
+        n += len(line) + 1
+    if cur:
+        docs.append("\n".join(cur))
+    return docs
+
+
+def build_corpus(cfg: ConfigDict, prepared) -> tuple[list[str], dict[str, int]]:
+    """Training-split prompts + packed titles (dataset vocabulary names + dictionary files), shuffled."""
+    from leader_jax.data.prompts import build_prompt
+
+    prompts = [build_prompt(s, prepared.vocab, max_history=cfg.data.max_history, profile=cfg.data.profile)
+               for s in prepared.splits["train"]]
+    titles = sorted(set(prepared.vocab.names.values()))
+    for spec in cfg.corpus.title_sources:
+        titles.extend(read_titles(spec))
+    titles = list(dict.fromkeys(titles))                      # unique, first-appearance order
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.corpus.max_titles and len(titles) > cfg.corpus.max_titles:
+        titles = [titles[i] for i in sorted(rng.choice(len(titles), cfg.corpus.max_titles, replace=False))]
+    rng.shuffle(titles)
+    docs = prompts + pack(titles, cfg.corpus.pack_chars)
+    order = rng.permutation(len(docs))
+    return [docs[i] for i in order], {"n_prompts": len(prompts), "n_titles": len(titles),
+                                      "n_docs": len(docs)}
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
+    """Byte-level BPE (no unknown bytes) with <unk>=0, <s>=1, </s>=2; saved as an HF tokenizer folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<unk>")
+    if distributed.is_main_process():
+        fast.save_pretrained(str(out_dir))
+    return fast
+
+
+# ----------------------------------------------------------------------------------------- training
+def lm_loss(model, mb):
+    loss, _ = causal_lm_loss(model(mb["input_ids"], mb["attention_mask"]), mb["input_ids"], mb["attention_mask"])
+    return loss, {}
+
+
+def lm_nll(model, b):
+    """Per-row (sum of next-token NLL, number of target tokens) for held-out perplexity."""
+    import optax
+    ids, mask = b["input_ids"], b["attention_mask"]
+    logits = model(ids, mask)
+    nll = optax.losses.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), ids[:, 1:])
+    w = mask[:, 1:].astype(jnp.float32)
+    return jnp.sum(nll * w, axis=1), jnp.sum(w, axis=1)
+
+
+def heldout_ppl(engine: Engine, enc: tdata.Encoded, batch_size: int) -> float:
+    """exp(total NLL / total target tokens) over the held-out documents."""
+    from jax.experimental import multihost_utils
+
+    tot, n = 0.0, 0.0
+    for rows, batch in tdata.eval_batches(enc, batch_size, engine.mesh):
+        s, c = engine.predict(batch)
+        if jax.process_count() > 1:
+            s, c = multihost_utils.process_allgather((s, c), tiled=True)
+        tot += float(np.asarray(s)[:len(rows)].sum())
+        n += float(np.asarray(c)[:len(rows)].sum())
+    return float(math.exp(tot / max(n, 1.0)))
+
+
+def train(cfg: ConfigDict) -> dict[str, Any]:
+    from leader_jax.data.dataset import PreparedData
+    from leader_jax.models.llama import save_hf
+
+    if not cfg.data_dir:
+        raise UserError("set --config.data_dir=PREPARED")
+    if not cfg.get("out"):
+        raise UserError("set --out PRE (the stage-1 run folder)")
+    if cfg.mode not in ("full", "adapter"):
+        raise UserError(f"mode={cfg.mode!r}; expected full | adapter")
+    common.setup_distributed(cfg)
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    common.write_json(run / "config.json", json.loads(cfg.to_json_best_effort()))
+    try:
+        prepared = PreparedData.load(cfg.data_dir)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise UserError(f"cannot load prepared data {cfg.data_dir}: {e}") from None
+    docs, corpus_info = build_corpus(cfg, prepared)
+    n_held = max(1, int(len(docs) * cfg.corpus.heldout_fraction))
+    held_docs, train_docs = docs[:n_held], docs[n_held:]
+
+    # tokenizer: trained here (full mode from scratch) or the base model's
+    if cfg.tokenizer.train:
+        tok_dir = run / "tokenizer"
+        tok = train_tokenizer(train_docs, cfg.tokenizer.vocab_size, tok_dir)
+    else:
+        tok = common.load_tokenizer(cfg.tokenizer.path or cfg.model.path)
+    special = tdata.SpecialIds.from_tokenizer(tok)
+    mcfg = cfg.model
+    if mcfg.source == "scratch":
+        with mcfg.unlocked():
+            mcfg.arch.vocab_size = max(int(mcfg.arch.vocab_size), len(tok))
+            mcfg.arch.bos_token_id, mcfg.arch.eos_token_id, mcfg.arch.pad_token_id = \
+                special.bos, special.eos, special.pad
+    mesh = common.make_mesh(cfg)
+    conf, model = common.load_base(mcfg, mesh, cfg.seed)
+    if cfg.mode == "adapter":
+        d = cfg.domain
+        lora.add_adapter(model, "domain", d.targets, rank=d.rank, alpha=d.alpha, dropout=d.dropout,
+                         param_type=lora.DomainLoRA, seed=cfg.seed + 1)
+        trainable = lora.DomainLoRA
+    else:
+        trainable = nnx.Param
+    train_enc = tdata.encode_texts(train_docs, tok, special, cfg.data.max_len)
+    held_enc = tdata.encode_texts(held_docs, tok, special, cfg.data.max_len)
+
+    tr = cfg.train
+    try:
+        tx, schedule = make_optimizer(ConfigDict({**tr.optim.to_dict(), "total_steps": tr.steps}))
+    except ValueError as e:
+        raise UserError(f"train.optim / train.steps: {e}") from None
+    engine = Engine(model, trainable, tx, mesh, lm_loss, frozen_dtype=mcfg.frozen_dtype, predict_fn=lm_nll)
+    ckpt = Checkpointer(run / "checkpoints", max_to_keep=2)
+    resumed = tr.resume and ckpt.latest_step() is not None
+    ppl_before = None
+    if resumed:
+        engine.restore(ckpt)
+    else:
+        ppl_before = heldout_ppl(engine, held_enc, cfg.eval_batch_size)
+    log = common.open_log(run, engine.step)
+    timer, t0 = StepTimer(), time.perf_counter()
+    bar = progress(total=tr.steps, initial=engine.step, desc="pretrain", unit="step",
+                   disable=None if distributed.is_main_process() else True)
+    stop = int(tr.stop_after) if tr.get("stop_after") else None
+    while engine.step < tr.steps:
+        if stop is not None and engine.step >= stop:
+            break
+        step = engine.step
+        batch, n_tok = tdata.train_batch(train_enc, step, tr.accum, tr.micro_batch, cfg.seed, mesh)
+        m = engine.train_step(batch)
+        log.log({"step": engine.step, "loss": m["loss"], "grad_norm": m["grad_norm"], "lr": float(schedule(step)),
+                 **timer.lap(n_tok), "data_position": engine.step * tr.accum * tr.micro_batch})
+        bar.update(1)
+        bar.set_postfix(loss=f"{m['loss']:.3f}")
+        if (tr.ckpt_every and engine.step % tr.ckpt_every == 0) or engine.step == tr.steps:
+            engine.save(ckpt, {"data_position": engine.step * tr.accum * tr.micro_batch})
+    bar.close()
+    summary = {**corpus_info, "n_train_docs": len(train_docs), "n_heldout_docs": len(held_docs),
+               "train_truncated": train_enc.n_truncated, "mode": cfg.mode, "steps_done": engine.step,
+               "n_trainable": engine.n_trainable(), "n_frozen": engine.n_frozen(),
+               "heldout_ppl_before": ppl_before, "train_seconds_this_run": time.perf_counter() - t0,
+               **common.mesh_info(mesh)}
+    if engine.step < tr.steps:
+        common.write_json(run / "summary.json", {**summary, "finished": False})
+        return summary
+    summary["heldout_ppl_after"] = heldout_ppl(engine, held_enc, cfg.eval_batch_size)
+    trained = engine.model(eval_mode=True)
+    if cfg.mode == "full":
+        base_dir = run / "base"
+        if distributed.is_main_process():
+            save_hf(trained, conf, base_dir, dtype="float32")
+            if hasattr(tok, "save_pretrained"):
+                tok.save_pretrained(str(base_dir))
+        summary["base"] = str(base_dir.absolute())
+    else:
+        ad = run / "domain_adapter"
+        if distributed.is_main_process():
+            lora.save_adapter(trained, "domain", ad, base_model_name_or_path=str(mcfg.path))
+        summary["domain_adapter"] = str(ad.absolute())
+    common.write_json(run / "summary.json", {**summary, "finished": True})
+    return summary
+
+
+def main(cfg: ConfigDict, argv: list[str]) -> None:
+    s = train(cfg)
+    if distributed.is_main_process():
+        print(json.dumps({k: s.get(k) for k in ("steps_done", "heldout_ppl_before", "heldout_ppl_after")}))
+
+
+if __name__ == "__main__":
+    from leader_jax import cli
+    cli.run(main, "pretrain_tiny.py")
