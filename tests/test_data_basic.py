@@ -37,3 +37,21 @@ def test_eicu_fixture(prepared_eicu):
     assert d.stats["ddi"]["available"] is False
     ids = [set(s.patient_id for s in d.splits[k]) for k in SPLITS]
     assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
+
+
+def test_cli_writes_same_bytes_as_api(tmp_path):
+    import subprocess
+    import sys
+
+    from leader_jax.cli import REPO_ROOT
+    from leader_jax.data.prepare import prepare_to
+
+    api = prepare_to(tmp_path / "api", dataset="mimic3", visit_order="hadm_id")
+    r = subprocess.run([sys.executable, "-m", "leader_jax.data.prepare", "--config", str(REPO_ROOT / "configs/data.py"),
+                        "--config.dataset=mimic3", "--config.visit_order=hadm_id", "--out", str(tmp_path / "cli")],
+                       capture_output=True, text=True, cwd=REPO_ROOT,
+                       env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin", "LEADER_JAX_NO_PROGRESS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["n_patients"] == 82
+    assert PreparedData.load(tmp_path / "cli").fingerprint() == api.fingerprint()
+    assert json.loads((tmp_path / "cli" / "stats.json").read_text())["config"]["visit_order"] == "hadm_id"

@@ -16,6 +16,7 @@ from leader_jax.data.cohort import UNKNOWN, RawCohort, id_key
 from leader_jax.data.dataset import SPLITS, PreparedData, Sample, Vocab
 from leader_jax.data.records import Patient, Visit
 from leader_jax.data.report import render_report
+from leader_jax.io import progress
 
 CHAN = (("diagnoses", "diag", "top_k_diag"), ("procedures", "proc", "top_k_proc"),
         ("medications", "med", "top_k_med"))
@@ -48,7 +49,7 @@ def filter_top_k(raw: RawCohort, cfg) -> Tuple[List[Patient], Dict[str, List[str
         raw.drops.add(f"{chan}: code occurrences outside top-{k}", removed)
         keep[chan] = set(kept)
     patients, n_empty = [], 0
-    for p in raw.patients:
+    for p in progress(raw.patients, desc="top-k filter", unit="patient"):
         visits = []
         for v in p.visits:
             nv = Visit(v.id, v.time, *(tuple(t for t in getattr(v, ch) if t in keep[ch]) for ch, _, _ in CHAN))

@@ -87,8 +87,9 @@ def read_eicu(raw_dir, cfg) -> RawCohort:
     dx = _ordered(dx, "diagnosisoffset")
     keys, toks, n9, nstr = [], [], 0, 0
     dx_names_codes, dx_names = [], []
-    for sid, icd, dstr in zip(dx["patientunitstayid"].tolist(), dx["icd9code"].tolist(),
-                              dx["diagnosisstring"].tolist()):
+    for sid, icd, dstr in progress(zip(dx["patientunitstayid"].tolist(), dx["icd9code"].tolist(),
+                                       dx["diagnosisstring"].tolist()), desc="eicu diagnoses", total=len(dx),
+                                   unit="row"):
         codes = [c for c in (x.strip() for x in icd.split(",")) if ICD9.match(c)] if isinstance(icd, str) else []
         if codes:
             for c in codes:
