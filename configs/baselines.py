@@ -10,7 +10,7 @@ def get_config() -> ConfigDict:
     c.seed = 0
     c.logistic = ConfigDict()
     c.logistic.lr = 0.05             # full-batch Adam
-    c.logistic.l2 = 1e-4             # L2 on the weights (not the biases), added to the mean BCE
-    c.logistic.steps = 300
-    c.logistic.eval_every = 25       # validation PRAUC every N steps; the best step is kept
+    c.logistic.l2 = 3e-3             # per drug: mean BCE + l2·|w|² (3e-3 = best val PRAUC of 1e-2..3e-4 on eICU)
+    c.logistic.steps = 150
+    c.logistic.eval_every = 10       # validation PRAUC every N steps; the best step is kept
     return c

@@ -10,7 +10,8 @@
 - cooccurrence:   p_m = mean over the target visit's diagnosis/procedure codes c of P(m | c), counted
                   over every visit of the training samples; samples without a known code get frequencies.
 - logistic:       one-vs-rest logistic regression on bag-of-codes (target dx + px) + the last history
-                  visit's drugs + a single-visit flag; full-batch Adam (optax) with L2, best step by
+                  visit's drugs + a single-visit flag; full-batch Adam (optax) on a sparse design matrix, per-drug
+                  mean BCE + L2 on the weights, best step by
                   validation PRAUC. A thousand-sample model: it runs on one device, no mesh.
 """
 from __future__ import annotations
@@ -116,6 +117,7 @@ def fit_logistic(data, cfg, log: JsonlLogger | None = None) -> Callable:
     import jax.numpy as jnp
     import optax
     from flax import nnx
+    from jax.experimental import sparse
 
     from leader_jax.metrics import ranking_metrics
 
@@ -143,7 +145,8 @@ def fit_logistic(data, cfg, log: JsonlLogger | None = None) -> Callable:
     @nnx.jit
     def step(model, opt, x, y):
         def loss_fn(m):
-            bce = optax.losses.sigmoid_binary_cross_entropy(m(x), y).mean()
+            # per drug: mean BCE over samples + l2·|w|² (sklearn's C = 1 / (2·l2·n)), summed over drugs
+            bce = optax.losses.sigmoid_binary_cross_entropy(m(x), y).mean(axis=0).sum()
             return bce + l2 * jnp.sum(m.kernel[...] ** 2)
 
         loss, grads = nnx.value_and_grad(loss_fn)(model)
@@ -154,14 +157,15 @@ def fit_logistic(data, cfg, log: JsonlLogger | None = None) -> Callable:
     def probs(model, x):
         return jax.nn.sigmoid(model(x))
 
-    xt, yt = jnp.asarray(x_tr), jnp.asarray(y_tr)
+    # bags of codes are ~1 % dense: a sparse matmul makes a full-batch step cost nnz·n_med, not n·n_in·n_med
+    xt, yt = sparse.BCOO.fromdense(jnp.asarray(x_tr)), jnp.asarray(y_tr)
     best = (-1.0, 0, None)
     for it in range(1, int(lc.steps) + 1):
         loss = step(model, opt, xt, yt)
         if it % int(lc.eval_every) == 0 or it == int(lc.steps):
             rec: dict[str, Any] = {"step": it, "train_loss": float(loss)}
             if x_va is not None:
-                ap, _ = ranking_metrics(y_va, np.asarray(probs(model, jnp.asarray(x_va))))
+                ap, _ = ranking_metrics(y_va, np.asarray(probs(model, sparse.BCOO.fromdense(jnp.asarray(x_va)))))
                 rec["val_prauc"] = float(ap.mean())
                 if rec["val_prauc"] > best[0]:
                     best = (rec["val_prauc"], it, (np.array(model.kernel[...]), np.array(model.bias[...])))
@@ -172,7 +176,7 @@ def fit_logistic(data, cfg, log: JsonlLogger | None = None) -> Callable:
         if log is not None:
             log.log({"best_step": best[1], "best_val_prauc": best[0]})
 
-    return lambda samples: np.asarray(probs(model, jnp.asarray(logistic_features(data, samples))))
+    return lambda samples: np.asarray(probs(model, sparse.BCOO.fromdense(jnp.asarray(logistic_features(data, samples)))))
 
 
 FITTERS: dict[str, Callable] = {"most_frequent": fit_most_frequent, "previous_visit": fit_previous_visit,

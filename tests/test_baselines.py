@@ -109,7 +109,7 @@ def test_logistic_learns_planted_rule(data):
     from sklearn.linear_model import LogisticRegression
     x_tr, x_te = B.logistic_features(d, d.splits["train"]), B.logistic_features(d, d.splits["test"])
     y_tr = d.labels(d.splits["train"])
-    c = 1.0 / (2 * cfg.logistic.l2 * y_tr.size)
+    c = 1.0 / (2 * cfg.logistic.l2 * y_tr.shape[0])
     p_sk = np.stack([LogisticRegression(C=c, max_iter=2000).fit(x_tr, y_tr[:, j]).predict_proba(x_te)[:, 1]
                      for j in range(y_tr.shape[1])], axis=1)
     ap_sk = ranking_metrics(y, p_sk)[0].mean()
