@@ -190,3 +190,19 @@ def test_two_runs_byte_identical(tmp_path, prepared_eicu):
     assert prepare(default_config(dataset="eicu")).fingerprint() == PreparedData.load(prepared_eicu).fingerprint()
     st = json.loads((tmp_path / "a" / "stats.json").read_text())
     assert st["n_patients"] == 82
+
+
+def test_min_admissions_and_sample_fraction_options(m3, m4):
+    rx = [r for r in rows(DATA / "mimic3_demo/PRESCRIPTIONS.csv.gz") if r["ndc"] not in ("", "0")]
+    hadms = {}
+    for r in rx:
+        hadms.setdefault(r["subject_id"], set()).add(r["hadm_id"])
+    eligible = {s for s, h in hadms.items() if len(h) >= 2}
+    d = prepare(default_config(dataset="mimic3", min_admissions=2))
+    pats = {x.patient_id for x in d.all_samples()}
+    assert pats == eligible & {x.patient_id for x in m3.all_samples()}
+    assert d.stats["n_patients"] < 82 and "PRESCRIPTIONS: patient with < 2 admissions" in d.stats["dropped"]
+    half = prepare(default_config(dataset="mimic4", sample_fraction=0.5))
+    ids = sorted((x.patient_id for x in m4.all_samples()), key=int)
+    chosen = set(np.random.RandomState(42).choice(ids, 46, replace=False).tolist())
+    assert {x.patient_id for x in half.all_samples()} == chosen
