@@ -216,6 +216,13 @@ def report_markdown(res: dict[str, Any], plots: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def top_drugs(y_true: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the `n` most frequent drugs of `y_true` (most frequent first, ties by index), count > 0."""
+    freq = np.asarray(y_true).sum(axis=0, dtype=np.int64)     # signed: -freq must not wrap around
+    top = np.argsort(-freq, kind="stable")[:n]
+    return top[freq[top] > 0]
+
+
 def write_plots(out: Path, split: str, pred, res, info, n_top: int) -> list[str]:
     """Per-group bars, calibration curve, per-drug F1 of the most frequent drugs; returns file names."""
     import io
@@ -257,9 +264,8 @@ def write_plots(out: Path, split: str, pred, res, info, n_top: int) -> list[str]
     ax.set_title(f"{split}: calibration (all sample × drug cells)")
     save(fig, f"{split}_calibration.png")
 
-    freq = pred["y_true"].sum(axis=0)
-    top = np.argsort(-freq, kind="stable")[:n_top]
-    top = top[freq[top] > 0]
+    freq = pred["y_true"].sum(axis=0, dtype=np.int64)
+    top = top_drugs(pred["y_true"], n_top)
     f1 = M.per_drug_f1(pred["y_true"], M.predict_sets(pred["y_prob"], res["threshold"]))
     if info is not None:
         labels = [info["names"].get(info["med"][i], info["med"][i])[:28] for i in top]

@@ -105,6 +105,18 @@ def test_markdown_plots_and_compare(runs):
     assert compare_runs([str(runs["a"]), str(runs["b"])]) == runs["compare"].strip()
 
 
+def test_top_drugs():
+    from leader_jax.eval import top_drugs
+
+    y = np.zeros((5, 6), np.uint8)
+    y[:4, 3] = 1
+    y[:2, 0] = 1
+    y[:2, 5] = 1
+    y[0, 1] = 1
+    assert top_drugs(y, 3).tolist() == [3, 0, 5]
+    assert top_drugs(y, 10).tolist() == [3, 0, 5, 1]        # never-given drugs are left out
+
+
 def test_bad_predictions_give_clear_errors(runs, tmp_path):
     path = tmp_path / "predictions" / "test.npz"
     with pytest.raises(UserError, match="y_prob must be probabilities"):
