@@ -7,6 +7,7 @@ or `scratch` (random init of a `LlamaConfig` preset; stage 1 of the tiny demo). 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,11 @@ def setup_distributed(cfg: ConfigDict) -> None:
 
 def make_mesh(cfg: ConfigDict):
     shape = tuple(int(s) for s in cfg.mesh)
+    devices = None
+    if -1 not in shape and math.prod(shape) < jax.device_count() and jax.process_count() == 1:
+        devices = jax.devices()[:math.prod(shape)]        # e.g. mesh (1,1,1) on an 8-device host
     try:
-        return shd.make_mesh(shape)
+        return shd.make_mesh(shape, devices=devices)
     except ValueError as e:
         raise UserError(f"config mesh={shape}: {e}") from None
 

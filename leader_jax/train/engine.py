@@ -48,6 +48,7 @@ def stacked_batch_sharding(mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, P(None, ("data", "fsdp"), *([None] * (ndim - 2))))
 
 
+_JIT_CACHE: dict[Any, Any] = {}   # compiled steps shared by engines of identical structure
 LossFn = Callable[[nnx.Module, dict], tuple[jax.Array, dict]]
 OutFn = Callable[[nnx.Module, dict], Any]
 
@@ -56,8 +57,12 @@ class Engine:
     """Holds (graphdef, trainable, keys, frozen, opt_state) on a mesh and runs jitted train/predict steps."""
 
     def __init__(self, model: nnx.Module, trainable: Any, tx: optax.GradientTransformation, mesh,
-                 loss_fn: LossFn, *, frozen_dtype: str | None = None, predict_fn: OutFn | None = None):
+                 loss_fn: LossFn, *, frozen_dtype: str | None = None, predict_fn: OutFn | None = None,
+                 tx_key: Any = None):
+        """`tx_key`: a hashable description of `tx` (e.g. the optimizer config); engines with equal
+        (model structure, loss, tx_key, mesh) share one compiled step (tests, repeated runs)."""
         self.mesh, self.tx, self.loss_fn, self.predict_fn = mesh, tx, loss_fn, predict_fn
+        self.tx_key = tx_key
         self.filters = (trainable, lora.LoRADropoutKey, ...)
         lora.set_deterministic(model, True)
         self.graphdef_eval = nnx.split(model, *self.filters)[0]
@@ -117,10 +122,24 @@ class Engine:
         out_sh = (tr_sh, opt_sh, {"loss": rep, "grad_norm": rep})
         return jax.jit(step_fn, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(0, 1))
 
+    def _cache_key(self, kind: str, batch) -> Any:
+        if self.tx_key is None:
+            return None
+        shapes = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items()))
+        return (kind, self.graphdef if kind == "train" else self.graphdef_eval, self.loss_fn, self.predict_fn,
+                self.tx_key, self.mesh, shapes, jax.tree.structure(self.frozen),
+                tuple(str(x.dtype) for x in jax.tree.leaves(self.frozen)))
+
     def train_step(self, batch: dict) -> dict[str, float]:
         """One optimizer step on a global batch `{name: jax.Array [accum, B, ...]}` (already sharded)."""
         if self._train is None:
-            self._train = self._build_train(batch)
+            key = self._cache_key("train", batch)
+            if key is not None and key in _JIT_CACHE:
+                self._train = _JIT_CACHE[key]
+            else:
+                self._train = self._build_train(batch)
+                if key is not None:
+                    _JIT_CACHE[key] = self._train
         with jax.set_mesh(self.mesh):
             self.trainable, self.opt_state, metrics = self._train(
                 self.trainable, self.opt_state, self.keys, self.frozen, batch,
@@ -134,12 +153,18 @@ class Engine:
         if self.predict_fn is None:
             raise ValueError("Engine was built without predict_fn")
         if self._predict is None:
-            graphdef, fn = self.graphdef_eval, self.predict_fn
+            key = self._cache_key("predict", batch)
+            if key is not None and key in _JIT_CACHE:
+                self._predict = _JIT_CACHE[key]
+            else:
+                graphdef, fn = self.graphdef_eval, self.predict_fn
 
-            def pred(trainable, keys, frozen, batch):
-                return fn(nnx.merge(graphdef, trainable, keys, frozen), batch)
+                def pred(trainable, keys, frozen, batch):
+                    return fn(nnx.merge(graphdef, trainable, keys, frozen), batch)
 
-            self._predict = jax.jit(pred)
+                self._predict = jax.jit(pred)
+                if key is not None:
+                    _JIT_CACHE[key] = self._predict
         with jax.set_mesh(self.mesh):
             return self._predict(self.trainable, self.keys, self.frozen, batch)
 

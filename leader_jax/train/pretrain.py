@@ -185,7 +185,8 @@ def train(cfg: ConfigDict) -> dict[str, Any]:
         tx, schedule = make_optimizer(ConfigDict({**tr.optim.to_dict(), "total_steps": tr.steps}))
     except ValueError as e:
         raise UserError(f"train.optim / train.steps: {e}") from None
-    engine = Engine(model, trainable, tx, mesh, lm_loss, frozen_dtype=mcfg.frozen_dtype, predict_fn=lm_nll)
+    engine = Engine(model, trainable, tx, mesh, lm_loss, frozen_dtype=mcfg.frozen_dtype, predict_fn=lm_nll,
+                    tx_key=json.dumps({**tr.optim.to_dict(), "steps": tr.steps}, sort_keys=True))
     ckpt = Checkpointer(run / "checkpoints", max_to_keep=2)
     resumed = tr.resume and ckpt.latest_step() is not None
     ppl_before = None

@@ -145,7 +145,8 @@ def train(cfg: ConfigDict) -> dict[str, Any]:
     except ValueError as e:
         raise UserError(f"train.optim / train.steps: {e}") from None
     engine = Engine(teacher, trainable_filter(cfg), tx, mesh, teacher_loss,
-                    frozen_dtype=cfg.model.frozen_dtype, predict_fn=teacher_predict)
+                    frozen_dtype=cfg.model.frozen_dtype, predict_fn=teacher_predict,
+                    tx_key=json.dumps({**tr.optim.to_dict(), "steps": tr.steps}, sort_keys=True))
     ckpt = Checkpointer(run / "checkpoints", max_to_keep=2)
     best = Checkpointer(run / "best", max_to_keep=1)
     best_val, best_step = -1.0, -1

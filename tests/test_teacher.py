@@ -1,0 +1,154 @@
+"""Stage-2 teacher training on 8 virtual CPU devices: mesh (1,1,1) vs (2,2,2) give the same losses and
+adapters; kill-and-resume replays the identical loss sequence; a checkpoint restores onto another mesh;
+the run writes predictions that `leader_jax.eval` reads."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from leader_jax.io import read_jsonl, load_npz
+
+N_STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def setup(prepared_synthetic, tmp_path_factory):
+    from leader_jax.data.dataset import PreparedData
+    from leader_jax.data.prompts import build_prompt
+    from leader_jax.train.pretrain import train_tokenizer
+
+    root = tmp_path_factory.mktemp("teacher")
+    data = PreparedData.load(prepared_synthetic)
+    texts = [build_prompt(s, data.vocab, max_history=1) for s in data.splits["train"]]
+    train_tokenizer(texts, 400, root / "tok")
+    return root, prepared_synthetic
+
+
+def make_cfg(setup, name, mesh, **train):
+    from configs.teacher_tiny import get_config
+
+    root, data_dir = setup
+    c = get_config()
+    c.out = str(root / name)
+    c.data_dir = str(data_dir)
+    c.mesh = mesh
+    c.model.source = "scratch"
+    c.model.arch.update(dict(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2))
+    c.tokenizer = str(root / "tok")
+    c.data.max_len = 160
+    c.data.eval_max_len = 256
+    c.data.max_history = 1
+    c.lora.task.rank = 4
+    c.train.steps = N_STEPS
+    c.train.micro_batch = 8
+    c.train.accum = 2
+    c.train.eval_every = 0
+    c.train.ckpt_every = 5
+    c.train.optim.lr = 1e-2
+    c.train.optim.warmup_steps = 2
+    c.eval.batch_size = 8
+    c.eval.splits = ()
+    c.train.update(train)
+    return c
+
+
+def losses(run):
+    return [r["loss"] for r in read_jsonl(run / "metrics.jsonl")]
+
+
+def ckpt_trainable(run, step):
+    from leader_jax.train.engine import Checkpointer
+    import orbax.checkpoint as ocp
+
+    ck = Checkpointer(run / "checkpoints")
+    out = ck.mngr.restore(step, args=ocp.args.Composite(trainable=ocp.args.StandardRestore()))
+    ck.close()
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in
+            jax.tree_util.tree_leaves_with_path(out["trainable"])}
+
+
+@pytest.fixture(scope="module")
+def runs(setup):
+    """M1: (1,1,1) killed after 5 (ckpt 5); B: (2,2,2) killed after 7 (ckpt 5) then resumed to 10;
+    A: (2,2,2) straight to 10 with predictions; C: M1's checkpoint resumed on (2,2,2)."""
+    import shutil
+    from leader_jax.train.teacher import train
+
+    root, _ = setup
+    out = {}
+    out["M1"] = train(make_cfg(setup, "M1", (1, 1, 1), stop_after=5))
+    shutil.copytree(root / "M1", root / "C")
+    out["B1"] = train(make_cfg(setup, "B", (2, 2, 2), stop_after=7))
+    out["B1_losses"] = losses(root / "B")
+    out["B2"] = train(make_cfg(setup, "B", (2, 2, 2)))
+    cfg_a = make_cfg(setup, "A", (2, 2, 2))
+    cfg_a.eval.splits = ("val", "test")
+    out["A"] = train(cfg_a)
+    cfg_c = make_cfg(setup, "C", (2, 2, 2))
+    out["C"] = train(cfg_c)
+    return root, out
+
+
+def test_logs_have_required_keys(runs):
+    root, out = runs
+    recs = read_jsonl(root / "A" / "metrics.jsonl")
+    assert [r["step"] for r in recs] == list(range(1, N_STEPS + 1))
+    for r in recs:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "step_time"} <= set(r)
+        assert np.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["tokens_per_s"] > 0
+    # warmup then linear decay (lr logged is the one used at that step)
+    lrs = [r["lr"] for r in recs]
+    np.testing.assert_allclose(lrs[:3], [0.0, 5e-3, 1e-2], rtol=1e-6)
+    assert lrs[-1] < lrs[3]
+    assert recs[-1]["loss"] < recs[0]["loss"]          # it learns
+    assert out["A"]["n_trainable"] > 0 and out["A"]["n_frozen"] > out["A"]["n_trainable"]
+
+
+def test_mesh_111_vs_222_same_losses_and_adapters(runs):
+    root, out = runs
+    l1, l2 = losses(root / "M1"), out["B1_losses"][:5]
+    assert len(l1) == 5
+    np.testing.assert_allclose(l1, l2, rtol=1e-4)
+    t1, t2 = ckpt_trainable(root / "M1", 5), ckpt_trainable(root / "B", 5)
+    assert t1.keys() == t2.keys() and len(t1) > 4
+    assert any("task" in k for k in t1) and any("head" in k for k in t1)
+    for k in t1:
+        np.testing.assert_allclose(t1[k], t2[k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+def test_kill_and_resume_identical(runs):
+    root, out = runs
+    straight, resumed = losses(root / "A"), losses(root / "B")
+    assert len(out["B1_losses"]) == 7            # killed after step 7, last checkpoint at 5
+    assert [r["step"] for r in read_jsonl(root / "B" / "metrics.jsonl")] == list(range(1, N_STEPS + 1))
+    assert resumed == straight                   # bit-identical replay
+    ta, tb = ckpt_trainable(root / "A", N_STEPS), ckpt_trainable(root / "B", N_STEPS)
+    for k in ta:
+        np.testing.assert_array_equal(ta[k], tb[k])
+
+
+def test_checkpoint_restores_onto_other_mesh(runs):
+    root, _ = runs
+    np.testing.assert_allclose(losses(root / "C"), losses(root / "A"), rtol=1e-4)
+
+
+def test_predictions_and_eval(runs, setup):
+    from leader_jax.data.dataset import PreparedData
+    from leader_jax.eval import read_predictions
+
+    root, out = runs
+    data = PreparedData.load(setup[1])
+    p = read_predictions(root / "A" / "predictions" / "test.npz")
+    assert p["ids"].tolist() == [s.id for s in data.splits["test"]]
+    np.testing.assert_array_equal(p["y_true"], data.labels(data.splits["test"]))
+    assert p["y_prob"].shape == (len(data.splits["test"]), data.vocab.n_med)
+    run = json.loads((root / "A" / "run.json").read_text())
+    assert run["model"] == "teacher" and run["data_dir"]
+    from leader_jax.metrics import ranking_metrics
+    ap, _ = ranking_metrics(p["y_true"], p["y_prob"])
+    assert abs(float(np.mean(ap)) - out["A"]["test_prauc"]) < 1e-6
+    # adapters exported in PEFT format + head
+    assert (root / "A" / "adapters" / "task" / "adapter_model.safetensors").exists()
+    assert np.load(root / "A" / "head.npy").shape == (32, data.vocab.n_med)
