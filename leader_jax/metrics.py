@@ -240,6 +240,21 @@ def threshold_grid(step: float = 0.01) -> np.ndarray:
     return (np.arange(1, n, dtype=np.float64) * step).astype(np.float32)
 
 
+def _count_le(grid: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """#grid values <= p for every p (float32 comparisons, exact). Uniform grids (the default) use an
+    arithmetic first guess corrected by exact comparisons; others use searchsorted."""
+    g = grid.size
+    d = np.diff(grid.astype(np.float64))
+    if g < 2 or not np.allclose(d, d[0], rtol=1e-4, atol=0) or not np.isclose(grid[0], d[0], rtol=1e-4):
+        return np.searchsorted(grid, p, side="right")
+    b = np.clip(np.floor(p / np.float32(d[0])), 0, g).astype(np.int16 if g < 2**15 else np.int32)
+    # fix the guess by at most one step either way, comparing exactly in float32
+    ext = np.concatenate([grid, [np.float32(np.inf)]]).astype(np.float32)
+    b += p >= ext[b]                                   # grid[b] <= p: one more
+    b -= (b > 0) & (p < ext[np.maximum(b - 1, 0)])     # grid[b-1] > p: one fewer
+    return b
+
+
 def jaccard_by_threshold(y_true: np.ndarray, y_prob: np.ndarray,
                          grid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Mean Jaccard at every threshold of `grid` (sorted ascending), exact under the `p >= θ` rule,
@@ -249,11 +264,11 @@ def jaccard_by_threshold(y_true: np.ndarray, y_prob: np.ndarray,
     n, _ = y_true.shape
     g = grid.size
     # b = #grid values <= p: the drug is predicted at grid[k] iff k < b.
-    b = np.searchsorted(grid, y_prob, side="right")
-    flat = (np.arange(n)[:, None] * (g + 1) + b).ravel()
+    b = _count_le(grid, y_prob)
+    itype = np.int32 if n * (g + 1) < 2**31 else np.int64
+    flat = (np.arange(n, dtype=itype)[:, None] * (g + 1) + b.astype(itype)).ravel()
     cnt_all = np.bincount(flat, minlength=n * (g + 1)).reshape(n, g + 1)
-    cnt_pos = np.bincount(flat, weights=y_true.ravel().astype(np.float64),
-                          minlength=n * (g + 1)).reshape(n, g + 1)
+    cnt_pos = np.bincount(flat[y_true.ravel()], minlength=n * (g + 1)).reshape(n, g + 1)
     # predicted at grid[k] = sum over bins j > k
     n_pred = np.cumsum(cnt_all[:, ::-1], axis=1)[:, ::-1][:, 1:].astype(np.float64)
     inter = np.cumsum(cnt_pos[:, ::-1], axis=1)[:, ::-1][:, 1:]

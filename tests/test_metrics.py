@@ -177,3 +177,14 @@ def test_bad_input_errors():
         M.per_sample_metrics(y, np.zeros((2, 3)))
     with pytest.raises(ValueError, match="finite"):
         M.per_sample_metrics(np.zeros((1, 2)), np.array([[0.1, np.nan]]))
+
+
+def test_grid_counting_matches_searchsorted():
+    rng = np.random.default_rng(1)
+    p = rng.random(5000).astype(np.float32)
+    for step in (0.01, 0.05, 0.001):
+        grid = M.threshold_grid(step)
+        q = np.concatenate([p, grid, np.nextafter(grid, np.float32(0)), [0.0, 1.0]]).astype(np.float32)
+        np.testing.assert_array_equal(M._count_le(grid, q), np.searchsorted(grid, q, side="right"))
+    odd = np.array([0.1, 0.15, 0.7], np.float32)            # non-uniform grid: generic path
+    np.testing.assert_array_equal(M._count_le(odd, p), np.searchsorted(odd, p, side="right"))
