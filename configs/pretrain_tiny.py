@@ -41,16 +41,16 @@ def get_config() -> ConfigDict:
                               str(DATA / "mimic3_demo" / "D_ICD_PROCEDURES.csv.gz") + ":long_title",
                               str(DATA / "mappings" / "WHO ATC-DDD 2021-12-03.csv") + ":atc_name")
     c.corpus.max_titles = 8000           # random subset of the titles (0 = all)
-    c.corpus.pack_chars = 600            # titles joined into documents of about this many characters
+    c.corpus.pack_chars = 500            # titles joined into documents of about this many characters
     c.corpus.heldout_fraction = 0.05
 
-    c.data = ConfigDict(dict(max_len=256, max_history=3, profile=False))
+    c.data = ConfigDict(dict(max_len=192, max_history=3, profile=False))
 
     c.train = ConfigDict()
-    c.train.steps = 200
+    c.train.steps = 150
     c.train.micro_batch = 16
-    c.train.accum = 2
-    c.train.optim = ConfigDict(dict(lr=3e-3, warmup_steps=20, weight_decay=0.0, b1=0.9, b2=0.95,
+    c.train.accum = 1
+    c.train.optim = ConfigDict(dict(lr=3e-3, warmup_steps=15, weight_decay=0.0, b1=0.9, b2=0.95,
                                     eps=1e-8, clip_norm=1.0))
     c.train.ckpt_every = 100
     c.train.resume = True

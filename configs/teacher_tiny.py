@@ -28,7 +28,7 @@ def get_config() -> ConfigDict:
     c.tokenizer = ""                   # "" = model.path
 
     c.data = ConfigDict()
-    c.data.max_len = 256               # BOS + prompt + EOS; oldest history visits dropped to fit (D11);
+    c.data.max_len = 192               # BOS + prompt + EOS; oldest history visits dropped to fit (D11);
                                        # a train sample whose current visit alone is longer is dropped (counted)
     c.data.eval_max_len = 512          # val/test/features (never dropped: too long is an error)
     c.data.max_history = 3
@@ -42,7 +42,7 @@ def get_config() -> ConfigDict:
     c.train = ConfigDict()
     c.train.steps = 300
     c.train.micro_batch = 16           # sequences per micro-batch (multiple of data*fsdp)
-    c.train.accum = 2                  # gradient accumulation -> 32 sequences / step (the paper's)
+    c.train.accum = 1                  # gradient accumulation (the paper: 32 sequences / step)
     c.train.optim = ConfigDict(dict(lr=2e-3, warmup_steps=10, weight_decay=0.0, b1=0.9, b2=0.999,
                                     eps=1e-8, clip_norm=1.0))
     c.train.eval_every = 50            # validation PRAUC; best step kept (D13); 0 = keep last

@@ -74,6 +74,13 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.sample_ids)
 
+    def subset(self, rows) -> "Encoded":
+        rows = np.asarray(rows, dtype=np.int64)
+        return Encoded(ids=self.ids[rows], lengths=self.lengths[rows],
+                       sample_ids=[self.sample_ids[i] for i in rows],
+                       labels=None if self.labels is None else self.labels[rows],
+                       single_visit=self.single_visit[rows])
+
     def mask(self, rows=None) -> np.ndarray:
         lengths = self.lengths if rows is None else self.lengths[rows]
         return (np.arange(self.ids.shape[1])[None, :] < lengths[:, None]).astype(np.int32)

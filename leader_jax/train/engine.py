@@ -110,7 +110,7 @@ class Engine:
                                         (batch, jnp.arange(accum)))
             g = jax.tree.map(lambda x, p: (x / accum).astype(p.dtype), g, trainable)
             loss = loss / accum
-            gnorm = optax.global_norm(g)
+            gnorm = optax.tree.norm(g) if hasattr(optax, "tree") else optax.global_norm(g)
             updates, opt_state = tx.update(g, opt_state, trainable)
             trainable = optax.apply_updates(trainable, updates)
             return trainable, opt_state, {"loss": loss, "grad_norm": gnorm}

@@ -68,11 +68,14 @@ def tokenizer_path(cfg: ConfigDict) -> str:
     return cfg.tokenizer or cfg.model.path
 
 
-def encode_split(cfg: ConfigDict, prepared, split: str, tokenizer, special) -> tdata.Encoded:
+def encode_split(cfg: ConfigDict, prepared, split: str, tokenizer, special,
+                 training: bool | None = None) -> tdata.Encoded:
+    """Training encoding (max_len, overlong samples dropped) for the train split during training;
+    evaluation encoding (eval_max_len, nothing dropped) otherwise (predictions, feature store)."""
     samples = prepared.splits[split]
     if not samples:
         raise UserError(f"prepared data {cfg.data_dir}: split {split!r} is empty")
-    is_train = split == "train"
+    is_train = (split == "train") if training is None else training
     max_len = cfg.data.max_len if is_train else (cfg.data.get("eval_max_len") or cfg.data.max_len)
     try:
         return tdata.encode_samples(samples, prepared.vocab, tokenizer, special, max_len,

@@ -1,0 +1,134 @@
+"""`python -m leader_jax.train.features --config.run_dir=RUN`: the teacher feature store for distillation.
+
+Rebuilds the teacher of RUN from `RUN/config.json`, restores its best (or last) checkpoint, and runs
+sharded inference over every split, writing per sample id the pooled final-norm hidden state (float16)
+and the drug probabilities with `leader_jax.features.FeatureStoreWriter` (atomic shards, manifest with
+the teacher checkpoint and dataset fingerprints). Every sample is encoded with the evaluation settings
+(`data.eval_max_len`, no sample dropped), so the store covers every id of every split. An interrupted
+extraction resumes: ids already in a shard are skipped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from ml_collections import ConfigDict
+
+from leader_jax.cli import UserError
+from leader_jax.features import FeatureStoreWriter
+from leader_jax.io import progress
+from leader_jax.train import common, data as tdata, distributed
+from leader_jax.train.engine import Checkpointer, Engine, _abstract
+from leader_jax.train.teacher import (build_teacher, encode_split, teacher_loss, teacher_predict,
+                                      tokenizer_path, trainable_filter)
+
+
+def params_fingerprint(tree) -> str:
+    """sha256 over the trained (adapter + head) arrays, in tree order."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        arr = np.asarray(jax.device_get(leaf))
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(str(arr.dtype).encode() + str(arr.shape).encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def load_teacher_run(run: Path, which: str, mesh_shape) -> tuple[ConfigDict, Engine, dict[str, Any]]:
+    """(teacher config, inference engine with restored weights, checkpoint info)."""
+    cfg_path = run / "config.json"
+    if not cfg_path.exists():
+        raise UserError(f"{run}: config.json not found (not a teacher run folder?)")
+    tcfg = ConfigDict(json.loads(cfg_path.read_text()))
+    with tcfg.unlocked():
+        tcfg.mesh = tuple(mesh_shape)
+    if which not in ("best", "last"):
+        raise UserError(f"checkpoint={which!r}; expected best | last")
+    ckpt_dir = run / ("best" if which == "best" else "checkpoints")
+    ckpt = Checkpointer(ckpt_dir, max_to_keep=1 if which == "best" else 2)
+    step = ckpt.latest_step()
+    if step is None and which == "best":         # run without validation: the last step is its result
+        ckpt, ckpt_dir = Checkpointer(run / "checkpoints"), run / "checkpoints"
+        step = ckpt.latest_step()
+    if step is None:
+        raise UserError(f"{run}: no checkpoint in {ckpt_dir} (train the teacher first)")
+    return tcfg, ckpt, {"dir": str(ckpt_dir.absolute()), "step": int(step)}
+
+
+def extract(cfg: ConfigDict) -> dict[str, Any]:
+    from leader_jax.data.dataset import PreparedData
+
+    if not cfg.run_dir:
+        raise UserError("set --config.run_dir=RUN (a teacher run folder)")
+    common.setup_distributed(cfg)
+    run = Path(cfg.run_dir)
+    out = Path(cfg.out) if cfg.out else run / "features"
+    mesh = common.make_mesh(cfg)
+    tcfg, ckpt, info = load_teacher_run(run, cfg.checkpoint, cfg.mesh)
+    try:
+        prepared = PreparedData.load(tcfg.data_dir)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise UserError(f"cannot load prepared data {tcfg.data_dir} (from {run}/config.json): {e}") from None
+    n_dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.batch_size % n_dp:
+        raise UserError(f"batch_size={cfg.batch_size} must be a multiple of data*fsdp={n_dp}")
+    teacher = build_teacher(tcfg, prepared.vocab.n_med, mesh)
+    engine = Engine(teacher, trainable_filter(tcfg), optax.identity(), mesh, teacher_loss,
+                    frozen_dtype=tcfg.model.frozen_dtype, predict_fn=teacher_predict, tx_key="inference")
+    trainable, _, _ = ckpt.restore(info["step"], _abstract(engine.trainable))
+    engine.trainable = trainable
+    info["params_sha256"] = params_fingerprint(trainable)
+    meta = {"teacher_run": str(run.absolute()), "teacher_checkpoint": info,
+            "teacher_base": str(tcfg.model.path), "teacher_config": tcfg.get("config_name", ""),
+            "dataset_fingerprint": prepared.fingerprint(), "dataset_dir": str(Path(tcfg.data_dir).absolute()),
+            "pooling": "final-norm hidden state at the EOS (last real token)",
+            "eval_max_len": int(tcfg.data.get("eval_max_len") or tcfg.data.max_len)}
+    tok = common.load_tokenizer(tokenizer_path(tcfg))
+    special = tdata.SpecialIds.from_tokenizer(tok)
+    main = distributed.is_main_process()
+    writer = FeatureStoreWriter(out, hidden_dim=teacher.llama.config.hidden_size,
+                                n_med=prepared.vocab.n_med, meta=meta) if main else None
+    shards_written, counts = 0, {}
+    from leader_jax.train.teacher import predict_split
+
+    for split in cfg.splits:
+        if split not in prepared.splits:
+            raise UserError(f"split {split!r} not in the prepared data (has {sorted(prepared.splits)})")
+        enc = encode_split(tcfg, prepared, split, tok, special, training=False)
+        done = writer.done_ids(split) if main else set()
+        if jax.process_count() > 1:               # every process must run the same batches
+            from jax.experimental import multihost_utils
+            flags = np.array([sid in done for sid in enc.sample_ids], dtype=np.int32)
+            flags = np.asarray(multihost_utils.broadcast_one_to_all(flags))
+            todo = np.flatnonzero(flags == 0)
+        else:
+            todo = np.array([i for i, sid in enumerate(enc.sample_ids) if sid not in done], dtype=np.int64)
+        counts[split] = {"n": len(enc), "skipped_done": len(enc) - len(todo)}
+        for start in progress(range(0, len(todo), cfg.shard_size), desc=f"features {split}",
+                              total=-(-len(todo) // cfg.shard_size), unit="shard"):
+            if cfg.stop_after_shards and shards_written >= cfg.stop_after_shards:
+                return {"interrupted": True, "counts": counts, "out": str(out)}
+            sub = enc.subset(todo[start:start + cfg.shard_size])
+            probs, pooled = predict_split(engine, sub, cfg.batch_size, desc=split)
+            if main:
+                writer.write_shard(split, sub.sample_ids, pooled.astype(np.float16), probs)
+            shards_written += 1
+    if main:
+        writer.finalize()
+    return {"interrupted": False, "counts": counts, "out": str(out)}
+
+
+def main(cfg: ConfigDict, argv: list[str]) -> None:
+    res = extract(cfg)
+    if distributed.is_main_process():
+        print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    from leader_jax import cli
+    cli.run(main, "features.py", out_flag=False)
