@@ -6,7 +6,8 @@ backward of the next-token cross-entropy w.r.t. all weights. Repetitions alterna
 from other processes on a shared machine hits both alike; medians and the torch/JAX ratio are printed
 (ratio > 1 = leader_jax faster) and written as JSON with --out.
 
-python scripts/bench_llama.py [--sizes s,m,l] [--batch 4] [--seq 128] [--reps 5] [--threads N] [--out bench.json]
+python scripts/bench_llama.py [--sizes xs,s,m] [--batch 4] [--seq 128] [--reps 5] [--threads N | --single_thread]
+    [--out bench.json]
 """
 from __future__ import annotations
 
@@ -35,8 +36,16 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = os.cpu_count(), as XLA)")
+    ap.add_argument("--single_thread", action="store_true",
+                    help="1 thread for both: torch.set_num_threads(1) and XLA without its Eigen pool")
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
+    if a.single_thread:
+        if "jax" in sys.modules:
+            raise RuntimeError("--single_thread must be set before jax is imported")
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+                                   " intra_op_parallelism_threads=1").strip()
+        a.threads = 1
     for s in a.sizes.split(","):
         if s not in SIZES:
             print(f"error: unknown size {s!r}; choose from {sorted(SIZES)}", file=sys.stderr)
@@ -57,7 +66,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(threads)
     env = {"jax": jax.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
            "cpu_count": os.cpu_count(), "jax_devices": str(jax.devices()), "batch": a.batch, "seq": a.seq,
-           "reps": a.reps}
+           "reps": a.reps, "xla_flags": os.environ.get("XLA_FLAGS", "")}
     print(json.dumps(env))
     results = []
     for name in a.sizes.split(","):
