@@ -17,7 +17,8 @@ Losses (`student_loss`): BCE + α·MSE(proj(mediator), teacher) + w·profile ali
 with temperature τ; `align_loss="paper"` leaves the positive out of the denominators as the original).
 
 Everything here is functional: dropout takes an explicit PRNG key (None = deterministic), so a training
-step is a pure function of (params, batch, key) that `jax.jit` compiles once per shape bucket.
+step is a pure function of (params, batch, key) that `jax.jit` compiles once per shape bucket. The
+trainer uses "rbg" keys: the same determinism as threefry, at a fraction of the compile time.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -65,17 +67,14 @@ class StudentConfig:
 
 
 # ----------------------------------------------------------------------------------------------- layers
-def _uniform(bound: float):
-    return lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -bound, bound)
-
-
 class Dense(nnx.Module):
     """x @ kernel + bias with PyTorch's default init U(±1/√fan_in) (as the original student)."""
 
-    def __init__(self, din: int, dout: int, axes: tuple, *, use_bias: bool = True, rngs: nnx.Rngs):
-        init = _uniform(1.0 / math.sqrt(din))
-        self.kernel = nnx.Param(init(rngs.params(), (din, dout)), out_sharding=axes)
-        self.bias = nnx.Param(init(rngs.params(), (dout,)), out_sharding=(axes[1],)) if use_bias else None
+    def __init__(self, din: int, dout: int, axes: tuple, *, use_bias: bool = True, rng: np.random.Generator):
+        b = 1.0 / math.sqrt(din)
+        self.kernel = nnx.Param(rng.uniform(-b, b, (din, dout)).astype(np.float32), out_sharding=axes)
+        self.bias = (nnx.Param(rng.uniform(-b, b, (dout,)).astype(np.float32), out_sharding=(axes[1],))
+                     if use_bias else None)
 
     def __call__(self, x):
         y = x @ self.kernel[...]
@@ -85,10 +84,10 @@ class Dense(nnx.Module):
 class Embedding(nnx.Module):
     """Lookup table, N(0, 1) init (PyTorch default), row 0 (padding) zeroed."""
 
-    def __init__(self, n: int, d: int, *, rngs: nnx.Rngs, pad_row: bool = True):
-        table = jax.random.normal(rngs.params(), (n, d), jnp.float32)
+    def __init__(self, n: int, d: int, *, rng: np.random.Generator, pad_row: bool = True):
+        table = rng.standard_normal((n, d)).astype(np.float32)
         if pad_row:
-            table = table.at[0].set(0.0)
+            table[0] = 0.0
         self.table = nnx.Param(table, out_sharding=("vocab", "embed"))
 
     def __call__(self, ids):
@@ -124,17 +123,17 @@ class Dropout:
 class TransformerBlock(nnx.Module):
     """G-BERT-style pre-LN block: x + Drop(Attn(LN x)); x + Drop(FFN(LN x)); Drop(x)."""
 
-    def __init__(self, cfg: StudentConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: StudentConfig, *, rng: np.random.Generator):
         d = cfg.d
         self.heads = cfg.heads
         self.ln1 = LayerNorm(d, cfg.ln_eps)
-        self.q = Dense(d, d, ("embed", "heads"), use_bias=False, rngs=rngs)
-        self.k = Dense(d, d, ("embed", "heads"), use_bias=False, rngs=rngs)
-        self.v = Dense(d, d, ("embed", "heads"), use_bias=False, rngs=rngs)
-        self.o = Dense(d, d, ("heads", "embed"), rngs=rngs)
+        self.q = Dense(d, d, ("embed", "heads"), use_bias=False, rng=rng)
+        self.k = Dense(d, d, ("embed", "heads"), use_bias=False, rng=rng)
+        self.v = Dense(d, d, ("embed", "heads"), use_bias=False, rng=rng)
+        self.o = Dense(d, d, ("heads", "embed"), rng=rng)
         self.ln2 = LayerNorm(d, cfg.ln_eps)
-        self.w1 = Dense(d, cfg.ffn, ("embed", "mlp"), rngs=rngs)
-        self.w2 = Dense(cfg.ffn, d, ("mlp", "embed"), rngs=rngs)
+        self.w1 = Dense(d, cfg.ffn, ("embed", "mlp"), rng=rng)
+        self.w2 = Dense(cfg.ffn, d, ("mlp", "embed"), rng=rng)
         self.rate, self.attn_rate = cfg.dropout, cfg.attn_dropout
 
     def __call__(self, x, mask, drop: Dropout):
@@ -169,32 +168,32 @@ class Student(nnx.Module):
     (1 + label index, 0 = pad) for the alignment loss.
     """
 
-    def __init__(self, cfg: StudentConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: StudentConfig, *, rng: np.random.Generator):
         self.cfg = cfg
         d = cfg.d
-        self.diag_emb = Embedding(cfg.n_diag + 1, d, rngs=rngs)
-        self.proc_emb = Embedding(cfg.n_proc + 1, d, rngs=rngs)
-        self.med_emb = Embedding(cfg.n_med + 1, d, rngs=rngs)
-        self.diag_enc = TransformerBlock(cfg, rngs=rngs)
-        self.proc_enc = TransformerBlock(cfg, rngs=rngs)
-        self.med_enc = TransformerBlock(cfg, rngs=rngs)
-        self.visit_enc = TransformerBlock(cfg, rngs=rngs)
-        self.recency = (Embedding(cfg.max_visits, d, rngs=rngs, pad_row=False)
+        self.diag_emb = Embedding(cfg.n_diag + 1, d, rng=rng)
+        self.proc_emb = Embedding(cfg.n_proc + 1, d, rng=rng)
+        self.med_emb = Embedding(cfg.n_med + 1, d, rng=rng)
+        self.diag_enc = TransformerBlock(cfg, rng=rng)
+        self.proc_enc = TransformerBlock(cfg, rng=rng)
+        self.med_enc = TransformerBlock(cfg, rng=rng)
+        self.visit_enc = TransformerBlock(cfg, rng=rng)
+        self.recency = (Embedding(cfg.max_visits, d, rng=rng, pad_row=False)
                         if cfg.visit_position == "recency" else None)
         if cfg.profile_sizes:
-            self.profile_emb = nnx.List([Embedding(n, d, rngs=rngs, pad_row=False) for n in cfg.profile_sizes])
-            self.profile_proj = Dense(len(cfg.profile_sizes) * d, d, ("mlp", "embed"), rngs=rngs)
+            self.profile_emb = nnx.List([Embedding(n, d, rng=rng, pad_row=False) for n in cfg.profile_sizes])
+            self.profile_proj = Dense(len(cfg.profile_sizes) * d, d, ("mlp", "embed"), rng=rng)
             self.profile_vec = None
         else:
             self.profile_emb = None
             self.profile_proj = None
-            self.profile_vec = nnx.Param(jax.random.normal(rngs.params(), (d,)), out_sharding=("embed",))
-        self.head1 = Dense(3 * d, cfg.head_hidden, ("embed", "mlp"), rngs=rngs)
-        self.head2 = Dense(cfg.head_hidden, cfg.n_med, ("mlp", "labels"), rngs=rngs)
-        self.kd_proj = (Dense(cfg.head_hidden, cfg.teacher_dim, ("mlp", "embed"), rngs=rngs)
+            self.profile_vec = nnx.Param(rng.standard_normal((d,)).astype(np.float32), out_sharding=("embed",))
+        self.head1 = Dense(3 * d, cfg.head_hidden, ("embed", "mlp"), rng=rng)
+        self.head2 = Dense(cfg.head_hidden, cfg.n_med, ("mlp", "labels"), rng=rng)
+        self.kd_proj = (Dense(cfg.head_hidden, cfg.teacher_dim, ("mlp", "embed"), rng=rng)
                         if cfg.teacher_dim else None)
-        self.align_x = Dense(d, d, ("embed", "mlp"), rngs=rngs)
-        self.align_y = Dense(d, d, ("embed", "mlp"), rngs=rngs)
+        self.align_x = Dense(d, d, ("embed", "mlp"), rng=rng)
+        self.align_y = Dense(d, d, ("embed", "mlp"), rng=rng)
 
     # -- pieces
     def encode_sets(self, emb: Embedding, enc: TransformerBlock, ids, drop: Dropout):
@@ -242,8 +241,15 @@ class Student(nnx.Module):
 
 
 def build_student(cfg: StudentConfig, seed: int = 0) -> Student:
-    """Build under the caller's mesh/rules context (see leader_jax.sharding.use_mesh)."""
-    return Student(cfg, rngs=nnx.Rngs(params=seed))
+    """Build under the caller's mesh/rules context (see leader_jax.sharding.use_mesh). Initial values
+    are drawn on the host with numpy (PyTorch's default init): deterministic per seed and free of the
+    dozens of tiny initializer compilations an eager jax.random init costs on CPU."""
+    return Student(cfg, rng=np.random.default_rng(seed))
+
+
+def init_student(cfg: StudentConfig, seed: int = 0):
+    """(graphdef, params State)."""
+    return nnx.split(build_student(cfg, seed), nnx.Param)
 
 
 # ----------------------------------------------------------------------------------------------- losses

@@ -29,7 +29,7 @@ from flax import nnx
 
 from leader_jax import sharding
 from leader_jax.io import JsonlLogger, atomic_save_npz, atomic_write_json, progress
-from leader_jax.models.student import LossConfig, StudentConfig, build_student, student_loss
+from leader_jax.models.student import LossConfig, StudentConfig, init_student, student_loss
 
 SPLITS = ("train", "val", "test")
 _NEED_NAMES = ("visits", "diag", "proc", "med")
@@ -260,14 +260,13 @@ class StudentTrainer:
         mesh = make_mesh((1, 1, 1)) if mesh is None else mesh
         self.mcfg, self.lc, self.mesh = mcfg, lc, mesh
         with sharding.use_mesh(mesh):
-            model = build_student(mcfg, seed)
-            self.graphdef, self.params = nnx.split(model, nnx.Param)
+            self.graphdef, self.params = init_student(mcfg, seed)
             self.opt_state = jax.jit(optax.adam(lr).init)(self.params)
         p_flat, p_tree = jax.tree.flatten(jax.tree.map(lambda a: a.sharding, self.params))
         o_flat, o_tree = jax.tree.flatten(jax.tree.map(lambda a: a.sharding, self.opt_state))
         self.tx, self.train_step, self.predict_step = _compiled_steps(
             self.graphdef, lc, float(lr), mesh, tuple(p_flat), p_tree, tuple(o_flat), o_tree)
-        self.base_key = jax.random.PRNGKey(seed)
+        self.base_key = jax.random.key(seed, impl="rbg")
         self.step = 0
 
     def _put(self, batch: dict) -> dict:

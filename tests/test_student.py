@@ -1,0 +1,282 @@
+"""LEADER(S) student: input encoding, padding invariance, losses vs independent numpy, overfitting,
+determinism, compile counts, the training CLI's outputs and its feature-store errors."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from leader_jax import sharding
+from leader_jax.data.dataset import PreparedData, Sample, Vocab
+from leader_jax.data.records import Visit
+from leader_jax.features import FeatureStore, FeatureStoreWriter, MissingFeaturesError
+from leader_jax.io import load_npz, read_jsonl
+from leader_jax.models.student import LossConfig, StudentConfig, build_student, info_nce, init_student, kd_loss, student_loss
+from leader_jax.train import student as ts
+
+TEACHER_DIM = 16
+OVERFIT_EPOCHS = 60
+
+
+def _cfg(**kw):
+    from configs.student import get_config
+    c = get_config()
+    c.update(dict(d=32, heads=2, ffn=64, head_hidden=64, batch_size=16, eval_batch_size=32, seed=0,
+                  dropout=0.1, attn_dropout=0.0, lr=5e-3, epochs=3, bucket_levels=1))
+    c.update(kw)
+    return c
+
+
+@pytest.fixture(scope="module")
+def data(prepared_synthetic):
+    return PreparedData.load(prepared_synthetic)
+
+
+@pytest.fixture(scope="module")
+def store(data, tmp_path_factory):
+    """Teacher features = a fixed random projection of the labels (a learnable, deterministic target)."""
+    path = tmp_path_factory.mktemp("store") / "features"
+    proj = np.random.default_rng(7).normal(size=(data.vocab.n_med, TEACHER_DIM)).astype(np.float32)
+    w = FeatureStoreWriter(path, hidden_dim=TEACHER_DIM, n_med=data.vocab.n_med, meta={"teacher": "fixture"})
+    for split, samples in data.splits.items():
+        y = data.labels(samples).astype(np.float32)
+        w.write_shard(split, [s.id for s in samples], y @ proj, y * 0.9)
+    w.finalize()
+    return path
+
+
+@pytest.fixture(scope="module")
+def enc(data):
+    return ts.encode_samples(data.splits["train"], data.vocab, 10)
+
+
+def _toy_vocab():
+    return Vocab(diag=tuple(f"dx9:{i}" for i in range(20)), proc=tuple(f"px9:{i}" for i in range(10)),
+                 med=tuple(f"atc:{i}" for i in range(8)), names={}, profile={"gender": ("unknown", "F", "M")})
+
+
+def _visit(j, dx, px, med):
+    return Visit(id=f"v{j}", time=f"{j:03d}", diagnoses=tuple(f"dx9:{k}" for k in dx),
+                 procedures=tuple(f"px9:{k}" for k in px), medications=tuple(f"atc:{k}" for k in med))
+
+
+# ------------------------------------------------------------------------------------ encoding
+def test_keeps_last_n_visits_and_shifts_drugs():
+    visits = tuple(_visit(j, [j % 20, (j + 1) % 20], [j % 10], [j % 8]) for j in range(13))
+    s_long = Sample(id="p1", patient_id="p1", visits=visits, profile={"gender": "M"})
+    s_one = Sample(id="p2", patient_id="p2", visits=(_visit(0, [5], [], [1, 2]),), profile={"gender": "X"})
+    e = ts.encode_samples([s_long, s_one], _toy_vocab(), max_visits=10)
+    assert e.n_visits.tolist() == [10, 1]
+    assert e.single_visit.tolist() == [False, True]
+    # kept visits are 3..12 (the last 10); the target (visit 12) is the last slot of the dx/px streams
+    for slot in range(10):
+        j = 3 + slot
+        assert e.diag[0, slot, :2].tolist() == [j % 20 + 1, (j + 1) % 20 + 1]
+        assert e.proc[0, slot, 0] == j % 10 + 1
+    # drug stream: slot 0 empty (profile), slot k = drugs of kept visit k-1; the target's drugs never appear
+    assert (e.med[0, 0] == 0).all()
+    assert [e.med[0, k, 0] - 1 for k in range(1, 10)] == [(3 + k - 1) % 8 for k in range(1, 10)]
+    assert e.target[0, 0] - 1 == 12 % 8 and e.labels[0].tolist() == [int(i == 12 % 8) for i in range(8)]
+    assert (e.med[1] == 0).all() and (e.diag[1, 1:] == 0).all() and e.diag[1, 0, 0] == 6
+    assert e.labels[1].tolist() == [0, 1, 1, 0, 0, 0, 0, 0]
+    assert e.profile[:, 0].tolist() == [2, 0]          # "M", unseen "X" → "unknown"
+    assert e.needs.tolist() == [[10, 2, 1, 1], [1, 1, 0, 2]]
+
+
+def test_encoding_matches_prepared_labels_and_rejects_unknown_tokens(data, enc):
+    np.testing.assert_array_equal(enc.labels, data.labels(data.splits["train"]))
+    v = _toy_vocab()
+    bad = Sample(id="p9", patient_id="p9", visits=(_visit(0, [1], [99], [1]),))
+    with pytest.raises(ValueError, match=r"sample p9: procedures token 'px9:99'"):
+        ts.encode_samples([bad], v)
+
+
+def test_buckets_cover_every_sample(enc):
+    caps = ts.bucket_caps(enc.needs.max(0), 3)
+    assert caps[-1] == tuple(int(m) for m in enc.needs.max(0))
+    b = ts.assign_buckets(enc.needs, caps)
+    assert (enc.needs <= np.asarray(caps)[b]).all()
+    if len(caps) > 1:   # smallest bucket really is the smallest that fits
+        smaller = b > 0
+        assert not (enc.needs[smaller] <= np.asarray(caps)[b[smaller] - 1]).all(axis=1).any()
+
+
+# ------------------------------------------------------------------------------- model / losses
+LC = LossConfig(alpha=0.7, align_weight=0.3, tau=0.5, align_loss="paper")
+
+
+@pytest.fixture(scope="module")
+def probe(data):
+    """One jitted function returning every intermediate the loss tests need (compiled once per shape)."""
+    cfg = ts.model_config(_cfg(), data.vocab, TEACHER_DIM)
+    with sharding.use_mesh(None):
+        graphdef, params = init_student(cfg, seed=3)
+
+    @jax.jit
+    def run(params, batch):
+        m = nnx.merge(graphdef, params)
+        out = m(batch)
+        x, y = m.align_pair(batch["target"], out["profile"])
+        loss, parts = student_loss(m, batch, LC)
+        kd = kd_loss(m, out["mediator"], batch["teacher"])
+        return {**out, "proj": m.kd_proj(out["mediator"]), "x": x, "y": y, "kd_rows": kd, **parts}
+
+    return lambda batch: jax.device_get(run(params, batch))
+
+
+def _batch(enc, rows, cap, bs, teacher):
+    b = ts.make_batch(enc, np.asarray(rows), cap, bs)
+    b["teacher"] = np.zeros((bs, TEACHER_DIM), np.float32)
+    b["teacher"][: len(rows)] = teacher
+    return b
+
+
+ROWS = np.arange(12)
+
+
+@pytest.fixture(scope="module")
+def tight(enc):
+    return tuple(int(x) for x in enc.needs[ROWS].max(0))
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return np.random.default_rng(2).normal(size=(len(ROWS), TEACHER_DIM)).astype(np.float32)
+
+
+def test_padding_never_changes_outputs(probe, enc, tight, teacher):
+    base = probe(_batch(enc, ROWS, tight, 16, teacher))
+    enc2 = ts.EncodedSplit(**{**enc.__dict__})    # same samples, 3 extra empty visit slots
+    enc2.diag, enc2.proc, enc2.med = (np.pad(a, ((0, 0), (0, 3), (0, 0))) for a in (enc.diag, enc.proc, enc.med))
+    loose = (13, tight[1] + 5, tight[2] + 3, tight[3] + 4)
+    more = probe(_batch(enc2, ROWS, loose, 20, teacher))     # more visits, codes and padded batch rows
+    np.testing.assert_allclose(more["logits"][:12], base["logits"][:12], atol=2e-5)
+    np.testing.assert_allclose(more["proj"][:12], base["proj"][:12], atol=2e-5)
+    for k in ("loss", "bce", "kd", "align"):
+        np.testing.assert_allclose(more[k], base[k], rtol=2e-5)
+
+
+def test_kd_term_zero_when_projection_equals_teacher(probe, enc, tight, teacher):
+    first = probe(_batch(enc, ROWS, tight, 16, teacher))
+    again = probe(_batch(enc, ROWS, tight, 16, first["proj"][:12]))
+    assert float(again["kd"]) == 0.0 and float(np.abs(again["kd_rows"][:12]).max()) == 0.0
+    np.testing.assert_allclose(first["kd_rows"][:12], ((first["proj"][:12] - teacher) ** 2).mean(-1), rtol=1e-5)
+
+
+def _numpy_align(x, y, valid, tau, paper):
+    """Direct loop implementation of leader.md §6 (paper) / standard symmetric InfoNCE."""
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    yn = y / np.linalg.norm(y, axis=1, keepdims=True)
+    idx = [i for i in range(len(x)) if valid[i]]
+    out = np.zeros(len(x))
+    if len(idx) < 2:
+        return out
+    for j in idx:
+        s = lambda a, b: float(xn[a] @ yn[b]) / tau  # noqa: E731
+        others = [i for i in idx if not (paper and i == j)]
+        d1 = sum(np.exp(s(i, j)) for i in others)
+        d2 = sum(np.exp(s(j, i)) for i in others)
+        out[j] = -np.log(np.exp(s(j, j)) / d1) - np.log(np.exp(s(j, j)) / d2)
+    return out
+
+
+@pytest.mark.parametrize("paper", [False, True])
+def test_alignment_loss_matches_numpy(paper):
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(6, 5)), rng.normal(size=(6, 5))
+    valid = np.array([1, 1, 0, 1, 1, 1], bool)
+    got = np.asarray(info_nce(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32), jnp.asarray(valid), 0.5, paper))
+    np.testing.assert_allclose(got, _numpy_align(x, y, valid, 0.5, paper), rtol=1e-4, atol=1e-5)
+    one = np.array([0, 0, 1, 0, 0, 0], bool)      # fewer than 2 samples: the term is skipped
+    assert float(np.abs(np.asarray(info_nce(jnp.asarray(x), jnp.asarray(y), jnp.asarray(one)))).max()) == 0.0
+
+
+def test_total_loss_composition(probe, enc, tight, teacher):
+    o = probe(_batch(enc, ROWS, tight, 16, teacher))
+    z, yl = o["logits"][:12].astype(np.float64), enc.labels[ROWS].astype(np.float64)
+    bce = (np.maximum(z, 0) - z * yl + np.log1p(np.exp(-np.abs(z)))).mean(1)
+    kd = ((o["proj"][:12] - teacher) ** 2).mean(1)
+    al = _numpy_align(o["x"][:12], o["y"][:12], np.ones(12, bool), LC.tau, paper=True)
+    np.testing.assert_allclose(o["bce"], bce.mean(), rtol=1e-5)
+    np.testing.assert_allclose(o["kd"], kd.mean(), rtol=1e-5)
+    np.testing.assert_allclose(o["align"], al.mean(), rtol=1e-4)
+    np.testing.assert_allclose(o["loss"], (bce + LC.alpha * kd + LC.align_weight * al).mean(), rtol=1e-5)
+    # no-KD model: no projector at all (no parameters, no optimizer state for it)
+    with sharding.use_mesh(None):
+        m2 = nnx.eval_shape(lambda: build_student(ts.model_config(_cfg(), _toy_vocab(), None), 0))
+    assert m2.kd_proj is None
+
+
+# ---------------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def run_a(prepared_synthetic, store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "a"
+    cfg = _cfg(data_dir=str(prepared_synthetic), features=str(store), out=str(out))
+    return cfg, ts.train(cfg, PreparedData.load(prepared_synthetic), FeatureStore(store), out), out
+
+
+def test_training_cli_is_deterministic_and_writes_predictions(prepared_synthetic, data, store, run_a, tmp_path):
+    cfg, s1, out_a = run_a
+    assert s1["compile_counts"] == {"train_step": 1, "predict_step": 1}   # 30 steps + 6 eval batches
+    s2 = ts.train(cfg, PreparedData.load(prepared_synthetic), FeatureStore(store), tmp_path / "b")
+    assert s2["compile_counts"] == {"train_step": 1, "predict_step": 1}   # second run: nothing recompiled
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in rs]  # noqa: E731
+    m1, m2 = read_jsonl(out_a / "metrics.jsonl"), read_jsonl(tmp_path / "b" / "metrics.jsonl")
+    assert strip(m1) == strip(m2) and len(m1) == cfg.epochs + 1
+    assert {"train_bce", "train_kd", "train_align", "val_prauc", "val_jaccard"} <= set(m1[0])
+    epochs = [r for r in m1 if not r.get("final")]
+    assert epochs[-1]["train_kd"] < epochs[0]["train_kd"]        # distillation is being learned
+    for split in ("val", "test"):
+        p1, p2 = load_npz(out_a / "predictions" / f"{split}.npz"), load_npz(tmp_path / "b" / "predictions" / f"{split}.npz")
+        np.testing.assert_array_equal(p1["y_prob"], p2["y_prob"])
+        assert p1["ids"].tolist() == [s.id for s in data.splits[split]]
+        np.testing.assert_array_equal(p1["y_true"], data.labels(data.splits[split]))
+        assert p1["y_true"].dtype == np.uint8 and p1["y_prob"].dtype == np.float32
+        assert p1["single_visit"].tolist() == [s.single_visit for s in data.splits[split]]
+    run = json.loads((out_a / "run.json").read_text())
+    assert run["model"] == "student" and run["data_dir"] == str(prepared_synthetic.resolve())
+    best = max(r["val_prauc"] for r in m1 if not r.get("final"))
+    assert run["val"]["prauc"] == pytest.approx(best)
+    # the orbax checkpoint holds the best parameters: restoring reproduces the saved test predictions
+    tr = ts.StudentTrainer(ts.model_config(cfg, data.vocab, TEACHER_DIM), ts.loss_config(cfg), lr=cfg.lr, seed=99)
+    meta = ts.restore_params(out_a, tr)
+    assert meta["epoch"] == run["best_epoch"]
+    test_enc = ts.encode_samples(data.splits["test"], data.vocab)
+    probs = tr.predict(test_enc, [tuple(c) for c in run["buckets"]], cfg.eval_batch_size)
+    np.testing.assert_allclose(probs, load_npz(out_a / "predictions" / "test.npz")["y_prob"], atol=1e-6)
+
+
+def test_overfits_64_samples(data, enc, store, run_a):
+    """Same model/loss/shapes as the CLI run (so the compiled step is reused), 64 training samples."""
+    cfg, summary, _ = run_a
+    rows = np.arange(64)
+    sub = ts.EncodedSplit(**{k: (v[rows] if isinstance(v, np.ndarray) else v) for k, v in enc.__dict__.items()})
+    ts.attach_teacher(sub, FeatureStore(store), "train")
+    caps = [tuple(c) for c in summary["buckets"]]
+    tr = ts.StudentTrainer(ts.model_config(cfg, data.vocab, TEACHER_DIM), ts.loss_config(cfg), lr=cfg.lr, seed=1)
+    buckets = ts.assign_buckets(sub.needs, caps)
+    for epoch in range(OVERFIT_EPOCHS):
+        for b, r in ts.batch_plan(buckets, cfg.batch_size, np.random.default_rng(epoch)):
+            tr.train_batch(ts.make_batch(sub, r, caps[b], cfg.batch_size, with_teacher=True))
+    m = ts.split_metrics(sub.labels, tr.predict(sub, caps, cfg.eval_batch_size), 0.5)
+    assert m["jaccard"] > 0.9, m
+    assert tr.compile_counts() == {"train_step": 1, "predict_step": 1}
+
+
+def test_feature_store_id_mismatch_is_a_clear_error(prepared_synthetic, data, tmp_path):
+    from leader_jax.cli import UserError
+    path = tmp_path / "partial"
+    w = FeatureStoreWriter(path, hidden_dim=4, n_med=data.vocab.n_med, meta={})
+    ids = [s.id for s in data.splits["train"]][2:]
+    w.write_shard("train", ids, np.zeros((len(ids), 4)), np.zeros((len(ids), data.vocab.n_med)))
+    w.finalize()
+    missing = [s.id for s in data.splits["train"]][:2]
+    cfg = _cfg(data_dir=str(prepared_synthetic), features=str(path), out=str(tmp_path / "run"))
+    with pytest.raises(UserError, match="2 of 160 requested sample ids are missing") as e:
+        ts.main(cfg, [])
+    assert all(m in str(e.value) for m in missing)
+    with pytest.raises(UserError, match="features=STORE is required"):
+        ts.main(_cfg(data_dir=str(prepared_synthetic), out=str(tmp_path / "run")), [])
+    assert MissingFeaturesError  # the error class the store raises (converted to a one-line UserError)
