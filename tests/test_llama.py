@@ -96,6 +96,10 @@ def test_config_fields_read(models):
     assert LlamaConfig.from_hf_dict(legacy) == cfg
     with pytest.raises(ValueError, match="model_type"):
         LlamaConfig.from_hf_dict({**legacy, "model_type": "mistral"})
+    with pytest.raises(ValueError, match="attention_impl='flash'"):
+        LlamaConfig.tiny(attention_impl="flash")
+    with pytest.raises(ValueError, match="remat='some'"):
+        LlamaConfig.tiny(remat="some")
     with pytest.raises(ValueError, match="rope_type"):
         LlamaConfig.from_hf_dict({**legacy, "rope_scaling": {"type": "yarn", "factor": 2.0}})
 

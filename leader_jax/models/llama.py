@@ -108,6 +108,8 @@ class LlamaConfig:
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
         to_dtype(self.param_dtype), to_dtype(self.dtype)
+        if self.attention_impl not in (None, "", "xla", "cudnn"):
+            raise ValueError(f"attention_impl={self.attention_impl!r}; expected None, 'xla' or 'cudnn'")
 
     @property
     def rope_scaling_dict(self) -> dict | None:
@@ -318,7 +320,9 @@ class Attention(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, stack: int | None = None):
         c = config
         self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.impl = c.attention_impl if c.attention_impl not in ("xla",) else None
+        self.impl = c.attention_impl or None  # None = XLA (any backend); "cudnn" = GPU flash path
+        if self.impl == "xla":
+            self.impl = None
         d = c.hidden_size
         self.q_proj = Linear(d, self.n_heads * self.head_dim, axes=("embed", "heads"), config=c, rngs=rngs,
                              stack=stack)
