@@ -128,7 +128,8 @@ def load_state(path, abs_state, shardings, key_map: KeyMap, expected_keys: Seque
             host = np.empty(shape, dtype)
             for k, layer, transpose in items:
                 host[layer] = _prepare(reader.get(k), transpose, shape[1:], dtype, path, k)
-        values[p] = jax.device_put(host, shard_of[p])
+        # every process builds only its addressable shards (multi-process safe; same bytes everywhere)
+        values[p] = jax.make_array_from_callback(host.shape, shard_of[p], lambda idx, h=host: h[idx])
         del host
     pure: dict = {}
     for p, v in values.items():
