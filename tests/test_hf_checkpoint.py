@@ -1,6 +1,7 @@
 """HF checkpoint I/O: bit-identical round trips (fp32, bf16, tied, scanned), bf16/fp16 loading, sharded
 index files both ways, missing/unexpected/mis-shaped tensors, one read per tensor."""
 import json
+from pathlib import Path
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -26,15 +27,13 @@ def make_hf(dtype=torch.float32, seed=0, **kw):
 
 def tensors(d):
     """All tensors of an HF dir (single or sharded) as numpy, via the safetensors library directly."""
-    d = str(d)
-    try:
-        wmap = json.load(open(f"{d}/model.safetensors.index.json"))["weight_map"]
-        out = {}
-        for f in sorted(set(wmap.values())):
-            out.update(load_file(f"{d}/{f}"))
-        return out
-    except FileNotFoundError:
-        return load_file(f"{d}/model.safetensors")
+    index = Path(d) / "model.safetensors.index.json"
+    if not index.exists():
+        return load_file(str(Path(d) / "model.safetensors"))
+    out = {}
+    for f in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        out.update(load_file(str(Path(d) / f)))
+    return out
 
 
 def assert_bit_identical(a, b):
@@ -86,7 +85,7 @@ def test_bf16_checkpoint_loads_and_round_trips(tmp_path):
     assert m16.embed_tokens.embedding[...].dtype == jnp.bfloat16
     save_hf(m16, cfg16, tmp_path / "out")
     assert_bit_identical(src, tensors(tmp_path / "out"))
-    assert json.load(open(tmp_path / "out" / "config.json"))["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
     back = LlamaForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16).eval()
     orig = LlamaForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16).eval()
     with torch.no_grad():
