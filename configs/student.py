@@ -39,7 +39,7 @@ def get_config(preset: str | None = None) -> ConfigDict:
     c.eval_batch_size = 512
     c.epochs = 100
     c.patience = 10
-    c.bucket_levels = 3      # fixed shape buckets (visits, codes per set): one compile per bucket
+    c.bucket_levels = 4      # fixed shape buckets (visits, codes per set): one compile per bucket
     c.mesh_shape = (1, 1, 1)  # (data, fsdp, tensor); (-1, 1, 1) = data parallel over all devices
     # evaluation
     c.threshold = 0.5        # p >= θ (leader.md D6)

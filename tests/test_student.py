@@ -94,13 +94,17 @@ def test_encoding_matches_prepared_labels_and_rejects_unknown_tokens(data, enc):
 
 
 def test_buckets_cover_every_sample(enc):
-    caps = ts.bucket_caps(enc.needs.max(0), 3)
-    assert caps[-1] == tuple(int(m) for m in enc.needs.max(0))
+    caps = ts.bucket_caps(enc.needs, 3)
+    assert 1 <= len(caps) <= 3
+    assert caps[-1] == tuple(int(m) for m in np.maximum(enc.needs.max(0), 1))
     b = ts.assign_buckets(enc.needs, caps)
     assert (enc.needs <= np.asarray(caps)[b]).all()
-    if len(caps) > 1:   # smallest bucket really is the smallest that fits
-        smaller = b > 0
-        assert not (enc.needs[smaller] <= np.asarray(caps)[b[smaller] - 1]).all(axis=1).any()
+    for i in range(len(enc)):       # the chosen bucket is the first that fits
+        fits = [k for k, c in enumerate(caps) if (enc.needs[i] <= np.asarray(c)).all()]
+        assert b[i] == fits[0]
+    vol = [c[0] * sum(c[1:]) for c in caps]
+    assert vol == sorted(vol) and len(set(b.tolist())) == len(caps)
+    assert ts.bucket_caps(np.array([[1, 3, 0, 5], [2, 9, 1, 2]]), 1) == [(2, 9, 1, 5)]
 
 
 # ------------------------------------------------------------------------------- model / losses

@@ -137,28 +137,32 @@ def encode_samples(samples: Sequence[Any], vocab, max_visits: int = 10) -> Encod
 
 
 # ------------------------------------------------------------------------------------------ buckets
-def bucket_caps(max_needs: Sequence[int], levels: int) -> list[tuple[int, int, int, int]]:
-    """`levels` nested shape caps (visits, diag, proc, med): level l covers (l+1)/levels of the max,
-    code caps rounded up to a multiple of 4. Duplicates are merged; the last cap covers everything."""
+def bucket_caps(needs: np.ndarray, levels: int) -> list[tuple[int, int, int, int]]:
+    """Up to `levels` shape caps (visits, diag, proc, med) fitted to the data: samples are sorted by
+    padded volume visits·(diag+proc+med) and cut into `levels` equal groups; a group's cap is the
+    element-wise max of its needs (code caps rounded up to a multiple of 4). The last cap is the global
+    max, so every sample fits; caps are ordered by volume (smallest first)."""
     if levels < 1:
         raise ValueError(f"bucket_levels must be >= 1, got {levels}")
-    caps = []
-    for lvl in range(levels):
-        cap = []
-        for k, m in enumerate(max_needs):
-            m = max(int(m), 1)
-            c = math.ceil(m * (lvl + 1) / levels)
-            cap.append(min(4 * math.ceil(c / 4), m) if k > 0 else c)
-        caps.append(tuple(cap))
-    out: list[tuple[int, int, int, int]] = []
-    for c in caps:
-        if c not in out:
-            out.append(c)
-    return out
+    needs = np.maximum(np.asarray(needs, dtype=np.int64).reshape(-1, 4), 1)
+    if len(needs) == 0:
+        return [(1, 1, 1, 1)]
+    top = needs.max(0)
+
+    def rounded(c):
+        return tuple([int(c[0])] + [int(min(4 * math.ceil(x / 4), m)) for x, m in zip(c[1:], top[1:])])
+
+    volume = needs[:, 0] * needs[:, 1:].sum(1)
+    order = np.argsort(volume, kind="stable")
+    caps = [rounded(needs[g].max(0)) for g in np.array_split(order, levels) if len(g)]
+    caps[-1] = rounded(top)
+    caps = sorted(set(caps), key=lambda c: (c[0] * sum(c[1:]), c))
+    return [c for i, c in enumerate(caps)            # drop caps dominated by a smaller-volume cap
+            if not any(all(a >= b for a, b in zip(o, c)) for o in caps[:i])]
 
 
 def assign_buckets(needs: np.ndarray, caps: Sequence[Sequence[int]]) -> np.ndarray:
-    """Smallest bucket index whose caps hold every need of the sample."""
+    """First (smallest-volume) bucket whose caps hold every need of the sample."""
     caps_a = np.asarray(caps, dtype=np.int64)
     fits = (needs[:, None, :] <= caps_a[None, :, :]).all(-1)
     if not fits[:, -1].all():
@@ -349,8 +353,7 @@ def train(cfg, data, store, out: str | Path) -> dict:
                              f"{len(data.vocab.med)} drugs ({cfg.data_dir})")
         attach_teacher(encs["train"], store, "train")
         teacher_dim = store.hidden_dim
-    max_needs = np.max(np.concatenate([e.needs for e in encs.values() if len(e)]), axis=0)
-    caps = bucket_caps(max_needs, cfg.bucket_levels)
+    caps = bucket_caps(np.concatenate([e.needs for e in encs.values()]), cfg.bucket_levels)
     mesh = make_mesh(cfg.mesh_shape)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     for name in ("batch_size", "eval_batch_size"):

@@ -1,0 +1,127 @@
+"""Benchmark LEADER(S): inference throughput (patients/s at batch 512) and one training epoch on
+synthetic patients, with the default model (d 64, 4 heads, FFN 300, 10 visits). Prints medians.
+
+    PYTHONPATH=. .venv/bin/python scripts/bench_student.py [--patients 46000] [--repeats 5]
+
+Patients are built in memory with MIMIC-III-like sizes (2,000 diagnosis / 1,430 procedure / 131 drug
+codes, 1 + Geometric(0.6) visits capped at 30, per-visit set sizes Poisson(13 / 4 / 15)) as real
+`Sample` objects, then encoded with the production `encode_samples` (timed too), so the numbers cover
+the whole path: index arrays → bucketed, padded batches → compiled predict / train step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import numpy as np
+
+
+def make_samples(n: int, seed: int):
+    from leader_jax.data.dataset import Sample, Vocab
+    from leader_jax.data.records import Visit
+
+    rng = np.random.default_rng(seed)
+    vocab = Vocab(diag=tuple(f"dx9:{i}" for i in range(2000)), proc=tuple(f"px9:{i}" for i in range(1430)),
+                  med=tuple(f"atc:{i}" for i in range(131)), names={},
+                  profile={f: ("unknown",) + tuple(f"{f}{i}" for i in range(6))
+                           for f in ("insurance", "language", "religion", "marital_status", "ethnicity",
+                                     "gender", "age")})
+    n_vis = np.minimum(1 + rng.geometric(0.6, n) - 1, 30)
+    samples = []
+    for i in range(n):
+        visits = []
+        for j in range(int(n_vis[i])):
+            nd, npx, nm = (max(1, min(int(k), cap)) for k, cap in zip(rng.poisson((13, 4, 15)), (39, 30, 60)))
+            visits.append(Visit(id=f"{i}-{j}", time=f"{j:03d}",
+                                diagnoses=tuple(vocab.diag[k] for k in rng.choice(2000, nd, replace=False)),
+                                procedures=tuple(vocab.proc[k] for k in rng.choice(1430, npx, replace=False)),
+                                medications=tuple(vocab.med[k] for k in rng.choice(131, nm, replace=False))))
+        prof = {f: f"{f}{rng.integers(6)}" for f in vocab.profile}
+        samples.append(Sample(id=str(i), patient_id=str(i), visits=tuple(visits), profile=prof))
+    return samples, vocab
+
+
+def median_time(fn, repeats: int) -> tuple[float, list[float]]:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--patients", type=int, default=46000)
+    ap.add_argument("--repeats", type=int, default=5, help="inference repeats (median reported)")
+    ap.add_argument("--train_epochs", type=int, default=1, help="timed training epochs (median reported)")
+    ap.add_argument("--batch_size", type=int, default=16, help="training batch (config default 16)")
+    ap.add_argument("--eval_batch_size", type=int, default=512)
+    ap.add_argument("--teacher_dim", type=int, default=4096, help="KD target size (LLaMA-7B: 4096)")
+    ap.add_argument("--json", default="", help="also write the results to this file")
+    args = ap.parse_args()
+
+    import jax
+    from configs.student import get_config
+    from leader_jax.train import student as ts
+
+    cfg = get_config()
+    t0 = time.perf_counter()
+    samples, vocab = make_samples(args.patients, seed=0)
+    t_make = time.perf_counter() - t0
+    t_enc, _ = median_time(lambda: ts.encode_samples(samples, vocab, cfg.max_visits), 1)
+    enc = ts.encode_samples(samples, vocab, cfg.max_visits)
+    enc.teacher = np.random.default_rng(1).standard_normal((len(enc), args.teacher_dim)).astype(np.float16)
+    caps = ts.bucket_caps(enc.needs, cfg.bucket_levels)
+    buckets = ts.assign_buckets(enc.needs, caps)
+    trainer = ts.StudentTrainer(ts.model_config(cfg, vocab, args.teacher_dim), ts.loss_config(cfg),
+                                lr=cfg.lr, seed=0)
+    n_params = int(sum(np.prod(a.shape) for a in jax.tree.leaves(trainer.params)))
+
+    # inference: warm up (compile every bucket), then time whole passes over all patients
+    t = time.perf_counter()
+    trainer.predict(enc, caps, args.eval_batch_size)
+    t_warm = time.perf_counter() - t
+    t_inf, inf_times = median_time(lambda: trainer.predict(enc, caps, args.eval_batch_size), args.repeats)
+
+    # training: one warm-up batch per bucket (compiles), then timed epochs
+    t = time.perf_counter()
+    for b in np.unique(buckets):
+        rows = np.nonzero(buckets == b)[0][: args.batch_size]
+        jax.block_until_ready(trainer.train_batch(ts.make_batch(enc, rows, caps[b], args.batch_size, True)))
+    t_train_warm = time.perf_counter() - t
+
+    def epoch():
+        plan = ts.batch_plan(buckets, args.batch_size, np.random.default_rng(trainer.step))
+        parts = None
+        for b, rows in ts.progress(plan, desc="train epoch", unit="batch"):
+            parts = trainer.train_batch(ts.make_batch(enc, rows, caps[b], args.batch_size, True))
+        jax.block_until_ready(parts)
+
+    t_epoch, epoch_times = median_time(epoch, args.train_epochs)
+    res = {
+        "patients": args.patients, "devices": str(jax.devices()[0].platform), "cpu_count": os.cpu_count(),
+        "n_params": n_params, "buckets": [list(c) for c in caps],
+        "bucket_sizes": np.bincount(buckets, minlength=len(caps)).tolist(),
+        "mean_visits": float(enc.n_visits.mean()),
+        "make_samples_s": round(t_make, 2), "encode_s": round(t_enc, 2),
+        "encode_patients_per_s": round(args.patients / t_enc),
+        "predict_compile_and_first_pass_s": round(t_warm, 2),
+        "predict_median_s": round(t_inf, 3), "predict_times_s": [round(x, 3) for x in inf_times],
+        "inference_patients_per_s": round(args.patients / t_inf),
+        "train_compile_s": round(t_train_warm, 2), "train_batch_size": args.batch_size,
+        "train_epoch_median_s": round(t_epoch, 2), "train_epoch_times_s": [round(x, 2) for x in epoch_times],
+        "train_patients_per_s": round(args.patients / t_epoch),
+        "compile_counts": trainer.compile_counts(),
+    }
+    print(json.dumps(res, indent=2))
+    if args.json:
+        from leader_jax.io import atomic_write_json
+        atomic_write_json(args.json, res)
+
+
+if __name__ == "__main__":
+    main()
