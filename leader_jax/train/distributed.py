@@ -82,3 +82,13 @@ def global_array(local: np.ndarray, sharding, global_shape: Sequence[int]):
     if jax.process_count() == 1:
         return jax.device_put(np.asarray(local), sharding)
     return jax.make_array_from_process_local_data(sharding, np.asarray(local), tuple(global_shape))
+
+
+def host_copy(tree):
+    """Numpy copy of a (possibly multi-process sharded) pytree on every process; all processes must call."""
+    import jax
+
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)

@@ -82,7 +82,7 @@ def extract(cfg: ConfigDict) -> dict[str, Any]:
                     frozen_dtype=tcfg.model.frozen_dtype, predict_fn=teacher_predict, tx_key="inference")
     trainable, _, _ = ckpt.restore(info["step"], _abstract(engine.trainable))
     engine.trainable = trainable
-    info["params_sha256"] = params_fingerprint(trainable)
+    info["params_sha256"] = params_fingerprint(distributed.host_copy(trainable))
     meta = {"teacher_run": str(run.absolute()), "teacher_checkpoint": info,
             "teacher_base": str(tcfg.model.path), "teacher_config": tcfg.get("config_name", ""),
             "dataset_fingerprint": prepared.fingerprint(), "dataset_dir": str(Path(tcfg.data_dir).absolute()),

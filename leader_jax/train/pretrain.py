@@ -221,7 +221,8 @@ def train(cfg: ConfigDict) -> dict[str, Any]:
         common.write_json(run / "summary.json", {**summary, "finished": False})
         return summary
     summary["heldout_ppl_after"] = heldout_ppl(engine, held_enc, cfg.eval_batch_size)
-    trained = engine.model(eval_mode=True)
+    trained = nnx.merge(engine.graphdef_eval, distributed.host_copy(engine.trainable), engine.keys,
+                        distributed.host_copy(engine.frozen))
     if cfg.mode == "full":
         base_dir = run / "base"
         if distributed.is_main_process():

@@ -210,7 +210,8 @@ def train(cfg: ConfigDict) -> dict[str, Any]:
 
 
 def finish(cfg, engine: Engine, prepared, tok, special, run: Path, summary: dict) -> None:
-    model = engine.model(eval_mode=True)
+    host = distributed.host_copy(engine.trainable)           # collective: every process calls it
+    model = nnx.merge(engine.graphdef_eval, host, engine.keys, engine.frozen)
     if distributed.is_main_process():
         if cfg.lora.task.rank > 0:
             lora.save_adapter(model.llama, "task", run / "adapters" / "task",
