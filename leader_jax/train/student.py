@@ -19,16 +19,15 @@ import itertools
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
 from leader_jax import sharding
-from leader_jax.io import JsonlLogger, atomic_save_npz, atomic_write_json, progress
+from leader_jax.io import JsonlLogger, atomic_write_json, progress
 from leader_jax.models.student import LossConfig, StudentConfig, init_student, student_loss
 
 SPLITS = ("train", "val", "test")
@@ -339,6 +338,8 @@ def restore_params(run_dir: str | Path, trainer: StudentTrainer, step: int | Non
 def train(cfg, data, store, out: str | Path) -> dict:
     """Full training run; returns the summary written into RUN/run.json."""
     import orbax.checkpoint as ocp
+
+    from leader_jax.eval import write_predictions
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -410,11 +411,11 @@ def train(cfg, data, store, out: str | Path) -> dict:
                                "buckets": [list(c) for c in caps], "threshold": float(cfg.threshold)}
     for split in ("val", "test"):
         enc = encs[split]
+        if not len(enc):
+            continue
         probs = trainer.predict(enc, caps, cfg.eval_batch_size)
-        atomic_save_npz(out / "predictions" / f"{split}.npz", ids=enc.ids, y_true=enc.labels,
-                        y_prob=probs, single_visit=enc.single_visit)
-        if len(enc):
-            summary[split] = split_metrics(enc.labels, probs, cfg.threshold)
+        write_predictions(out, split, ids=enc.ids, y_true=enc.labels, y_prob=probs, single_visit=enc.single_visit)
+        summary[split] = split_metrics(enc.labels, probs, cfg.threshold)
     summary["compile_counts"] = trainer.compile_counts()
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     logger.log({"final": True, **{f"{s}_{k}": v for s in ("val", "test") if s in summary
