@@ -281,6 +281,12 @@ def test_feature_store_id_mismatch_is_a_clear_error(prepared_synthetic, data, tm
     with pytest.raises(UserError, match="2 of 160 requested sample ids are missing") as e:
         ts.main(cfg, [])
     assert all(m in str(e.value) for m in missing)
+    other = tmp_path / "other"
+    w = FeatureStoreWriter(other, hidden_dim=4, n_med=data.vocab.n_med, meta={"dataset_fingerprint": "f" * 64})
+    w.finalize()
+    cfg.features = str(other)
+    with pytest.raises(UserError, match="extracted from a different prepared dataset"):
+        ts.main(cfg, [])
     with pytest.raises(UserError, match="features=STORE is required"):
         ts.main(_cfg(data_dir=str(prepared_synthetic), out=str(tmp_path / "run")), [])
     assert MissingFeaturesError  # the error class the store raises (converted to a one-line UserError)

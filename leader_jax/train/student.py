@@ -352,6 +352,11 @@ def train(cfg, data, store, out: str | Path) -> dict:
         if store.n_med != len(data.vocab.med):
             raise ValueError(f"feature store {store.path}: n_med {store.n_med} != prepared data's "
                              f"{len(data.vocab.med)} drugs ({cfg.data_dir})")
+        stored_fp = store.manifest.get("meta", {}).get("dataset_fingerprint")
+        if stored_fp and stored_fp != data.fingerprint():
+            raise ValueError(f"feature store {store.path} was extracted from a different prepared dataset "
+                             f"(dataset_fingerprint {stored_fp[:12]}… != {cfg.data_dir}'s "
+                             f"{data.fingerprint()[:12]}…)")
         attach_teacher(encs["train"], store, "train")
         teacher_dim = store.hidden_dim
     caps = bucket_caps(np.concatenate([e.needs for e in encs.values()]), cfg.bucket_levels)
