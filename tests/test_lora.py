@@ -107,7 +107,7 @@ def test_gradients_reach_exactly_the_trainable_adapters():
         return jnp.mean(model(ids, mask) ** 2)
 
     for trainable in (lora.TaskLoRA, nnx.Any(lora.TaskLoRA, lora.DomainLoRA)):
-        grads = nnx.grad(loss, argnums=nnx.DiffState(0, trainable))(m)
+        grads = nnx.jit(nnx.grad(loss, argnums=nnx.DiffState(0, trainable)))(m)
         leaves = jax.tree_util.tree_leaves_with_path(grads)
         kinds = {type(v).__name__ for v in jax.tree.leaves(grads, is_leaf=lambda x: isinstance(x, nnx.Variable))}
         want = {"TaskLoRA"} if trainable is lora.TaskLoRA else {"TaskLoRA", "DomainLoRA"}
@@ -119,7 +119,7 @@ def test_gradients_reach_exactly_the_trainable_adapters():
     import optax
     before = jax.tree.map(np.asarray, nnx.state(m))
     opt = nnx.Optimizer(m, optax.sgd(0.1), wrt=lora.TaskLoRA)
-    opt.update(m, nnx.grad(loss, argnums=nnx.DiffState(0, lora.TaskLoRA))(m))
+    opt.update(m, nnx.jit(nnx.grad(loss, argnums=nnx.DiffState(0, lora.TaskLoRA)))(m))
     after = nnx.state(m)
     for (path, old), (_, new) in zip(jax.tree_util.tree_leaves_with_path(before),
                                      jax.tree_util.tree_leaves_with_path(after)):

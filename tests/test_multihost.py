@@ -12,11 +12,11 @@ import pytest
 from leader_jax.io import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 4
+STEPS = 3
 
 
 def _overrides(root, data_dir):
-    o = dict(data_dir=data_dir, tokenizer=root / "tok", mesh="(1,-1,1)", seed=0,
+    o = dict(data_dir=data_dir, tokenizer=root / "tok" / "tokenizer.json", mesh="(1,-1,1)", seed=0,
              **{"model.source": "scratch", "model.arch.vocab_size": 400, "model.arch.hidden_size": 32,
                 "model.arch.intermediate_size": 64, "data.max_len": 160, "data.eval_max_len": 256,
                 "data.max_history": 1, "lora.task.rank": 4, "train.steps": STEPS, "train.micro_batch": 8,
@@ -73,12 +73,11 @@ def runs(prepared_synthetic, tmp_path_factory):
     c = get_config()
     c.out = str(root / "single")
     for k, v in ov.items():
-        node, *path = k.split(".")
+        parts = k.split(".")
         target = c
-        for part in [node] + path[:-1]:
+        for part in parts[:-1]:
             target = target[part]
-        leaf = (path or [node])[-1]
-        target[leaf] = {"mesh": (1, 4, 1), "eval.splits": ("val",)}.get(k, v if not isinstance(v, Path) else str(v))
+        target[parts[-1]] = {"mesh": (1, 4, 1), "eval.splits": ("val",)}.get(k, str(v) if isinstance(v, Path) else v)
     summary = train(c)
     return root, summary
 

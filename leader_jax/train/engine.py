@@ -126,8 +126,11 @@ class Engine:
         if self.tx_key is None:
             return None
         shapes = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items()))
-        return (kind, self.graphdef if kind == "train" else self.graphdef_eval, self.loss_fn, self.predict_fn,
-                self.tx_key, self.mesh, shapes, jax.tree.structure(self.frozen),
+        if kind == "train":
+            fn_key = (self.graphdef, self.loss_fn, self.tx_key)
+        else:                                   # inference does not depend on the optimizer
+            fn_key = (self.graphdef_eval, self.predict_fn)
+        return (kind, fn_key, self.mesh, shapes, jax.tree.structure(self.frozen),
                 tuple(str(x.dtype) for x in jax.tree.leaves(self.frozen)))
 
     def train_step(self, batch: dict) -> dict[str, float]:

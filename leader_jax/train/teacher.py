@@ -30,6 +30,8 @@ from leader_jax.train.optim import make_optimizer
 
 # ----------------------------------------------------------------------------------------- building
 def trainable_filter(cfg: ConfigDict):
+    if cfg.model.get("trainable_base", False):       # full fine-tuning (tiny from-scratch models)
+        return nnx.Param
     parts = [HeadParam]
     if cfg.lora.task.rank > 0:
         parts.append(lora.TaskLoRA)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# LEADER teacher on one GPU host (all local GPUs in one process; FSDP mesh over them).
+#   scripts/train_teacher_gpu.sh PREPARED BASE_HF_DIR RUN [TEACHER_CONFIG] [extra --config.x=y ...]
+# Stage 1 (domain adapter, Clinical LLaMA-LoRA step 1) runs first unless SKIP_STAGE1=1; then stage 2
+# (task adapter + drug head), the feature store, and the evaluation of the teacher's predictions.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PREPARED=${1:?prepared data folder}; BASE=${2:?HF LLaMA folder}; RUN=${3:?run folder}
+CONFIG=${4:-configs/teacher_llama7b.py}; shift $(( $# < 4 ? $# : 4 ))
+PY=${PYTHON:-python}
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+DOMAIN_ARGS=()
+if [ "${SKIP_STAGE1:-0}" != "1" ]; then
+  $PY -m leader_jax.train.pretrain --config configs/pretrain_llama7b.py \
+      --config.data_dir="$PREPARED" --config.model.path="$BASE" --out "$RUN/stage1"
+  DOMAIN_ARGS=(--config.lora.domain_path="$RUN/stage1/domain_adapter")
+fi
+$PY -m leader_jax.train.teacher --config "$CONFIG" --config.data_dir="$PREPARED" \
+    --config.model.path="$BASE" "${DOMAIN_ARGS[@]}" --out "$RUN/teacher" "$@"
+$PY -m leader_jax.train.features --config.run_dir="$RUN/teacher" --config.batch_size=32
+$PY -m leader_jax.eval --config.run_dir="$RUN/teacher"
