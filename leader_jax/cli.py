@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 from absl import app, flags
 from ml_collections import ConfigDict, config_flags
@@ -43,3 +43,33 @@ def run(main: Callable[[ConfigDict, list[str]], None], default_config: str,
             sys.exit(2)
 
     app.run(_main, argv=argv)
+
+
+def load_config(name: str, overrides: Mapping[str, Any] | ConfigDict | None = None) -> ConfigDict:
+    """Load `configs/<name>` (`file.py` or `file.py:preset`) and deep-merge `overrides` into it:
+    the in-process equivalent of `--config configs/<name> --config.a.b=value ...`. Unknown fields are an
+    error, so a typo never silently does nothing."""
+    import importlib.util
+
+    file, _, preset = name.partition(":")
+    path = Path(file) if Path(file).is_absolute() else CONFIG_DIR / file
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"leader_jax_config_{path.stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config(preset) if preset else mod.get_config()
+    if overrides:
+        _merge(cfg, overrides.to_dict() if isinstance(overrides, ConfigDict) else dict(overrides), name)
+    return cfg
+
+
+def _merge(cfg: ConfigDict, overrides: Mapping[str, Any], where: str) -> None:
+    with cfg.unlocked():
+        for key, value in overrides.items():
+            if key not in cfg:
+                raise UserError(f"{where}: unknown config field {key!r}")
+            if isinstance(cfg[key], ConfigDict) and isinstance(value, (Mapping, ConfigDict)):
+                _merge(cfg[key], value.to_dict() if isinstance(value, ConfigDict) else value, f"{where}.{key}")
+            else:
+                cfg[key] = tuple(value) if isinstance(value, list) else value

@@ -85,6 +85,12 @@ def build_corpus(cfg: ConfigDict, prepared) -> tuple[list[str], dict[str, int]]:
                                       "n_docs": len(docs)}
 
 
+def split_heldout(docs: list[str], fraction: float) -> tuple[list[str], list[str]]:
+    """(held-out documents, training documents): the first max(1, fraction·n) of the shuffled corpus."""
+    n_held = max(1, int(len(docs) * fraction))
+    return docs[:n_held], docs[n_held:]
+
+
 def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
     """Byte-level BPE (no unknown bytes) with <unk>=0, <s>=1, </s>=2; saved as an HF tokenizer folder."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -152,8 +158,7 @@ def train(cfg: ConfigDict) -> dict[str, Any]:
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise UserError(f"cannot load prepared data {cfg.data_dir}: {e}") from None
     docs, corpus_info = build_corpus(cfg, prepared)
-    n_held = max(1, int(len(docs) * cfg.corpus.heldout_fraction))
-    held_docs, train_docs = docs[:n_held], docs[n_held:]
+    held_docs, train_docs = split_heldout(docs, cfg.corpus.heldout_fraction)
 
     # tokenizer: trained here (full mode from scratch) or the base model's
     if cfg.tokenizer.train:
