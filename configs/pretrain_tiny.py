@@ -43,6 +43,7 @@ def get_config() -> ConfigDict:
     c.corpus.max_titles = 8000           # random subset of the titles (0 = all)
     c.corpus.pack_chars = 500            # titles joined into documents of about this many characters
     c.corpus.heldout_fraction = 0.05
+    c.corpus.with_targets = False        # append the target visit's drug names to each TRAIN prompt
 
     c.data = ConfigDict(dict(max_len=192, max_history=3, profile=False))
 
@@ -51,7 +52,7 @@ def get_config() -> ConfigDict:
     c.train.micro_batch = 16
     c.train.accum = 1
     c.train.optim = ConfigDict(dict(lr=3e-3, warmup_steps=15, weight_decay=0.0, b1=0.9, b2=0.95,
-                                    eps=1e-8, clip_norm=1.0))
+                                    eps=1e-8, clip_norm=1.0, head_lr_mult=1.0))
     c.train.ckpt_every = 100
     c.train.resume = True
     c.train.stop_after = 0

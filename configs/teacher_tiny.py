@@ -19,6 +19,7 @@ def get_config() -> ConfigDict:
     c.model.path = ""
     c.model.param_dtype = "float32"    # dtype the base is loaded in
     c.model.dtype = "float32"          # compute dtype
+    c.model.pool = "last"              # last = final-norm state at EOS (the paper); mean = over real tokens
     c.model.trainable_base = False     # True: train every base weight too (full fine-tuning of a tiny model)
     c.model.frozen_dtype = "float32"   # cast of the frozen base inside the train step (bfloat16 on GPU/TPU)
     c.model.remat = "none"             # none | full | dots | minimal | ... (llama.REMAT_POLICIES)
@@ -45,7 +46,7 @@ def get_config() -> ConfigDict:
     c.train.micro_batch = 16           # sequences per micro-batch (multiple of data*fsdp)
     c.train.accum = 1                  # gradient accumulation (the paper: 32 sequences / step)
     c.train.optim = ConfigDict(dict(lr=2e-3, warmup_steps=10, weight_decay=0.0, b1=0.9, b2=0.999,
-                                    eps=1e-8, clip_norm=1.0))
+                                    eps=1e-8, clip_norm=1.0, head_lr_mult=1.0))
     c.train.eval_every = 50            # validation PRAUC; best step kept (D13); 0 = keep last
     c.train.ckpt_every = 50
     c.train.resume = True

@@ -22,7 +22,10 @@ class HeadParam(nnx.Param):
 class Teacher(nnx.Module):
     """`teacher(ids, mask)` -> (logits fp32 [B, n_med], pooled hidden fp32 [B, D])."""
 
-    def __init__(self, llama: Llama, n_med: int, *, rngs: nnx.Rngs, std: float = 0.02):
+    def __init__(self, llama: Llama, n_med: int, *, rngs: nnx.Rngs, std: float = 0.02, pool: str = "last"):
+        if pool not in ("last", "mean"):
+            raise ValueError(f"pool={pool!r}; expected last (the paper: EOS state) | mean (over real tokens)")
+        self.pool = pool
         self.llama = llama
         d = llama.config.hidden_size
         self.head = HeadParam(std * jax.random.normal(rngs.params(), (d, n_med), jnp.float32),
@@ -31,7 +34,11 @@ class Teacher(nnx.Module):
 
     def __call__(self, input_ids, attention_mask):
         hidden = self.llama.hidden_states(input_ids, attention_mask)
-        pooled = pool_last(hidden, attention_mask).astype(jnp.float32)
+        if self.pool == "last":
+            pooled = pool_last(hidden, attention_mask).astype(jnp.float32)
+        else:
+            m = attention_mask.astype(jnp.float32)[..., None]
+            pooled = jnp.sum(hidden.astype(jnp.float32) * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
         logits = pooled @ self.head[...]
         return logits, pooled
 

@@ -20,12 +20,29 @@ def make_schedule(lr: float, total_steps: int, warmup_steps: int = 0, end_lr: fl
     return optax.join_schedules([warm, decay], [warmup_steps])
 
 
+def scale_matching(substring: str, factor: float) -> optax.GradientTransformation:
+    """Multiply the updates of leaves whose tree path contains `substring` (e.g. the drug head) by `factor`:
+    a per-group learning-rate multiplier that works on nnx.State trees."""
+    import jax
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(
+            lambda path, u: u * factor if substring in jax.tree_util.keystr(path) else u, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """`cfg` fields: lr, total_steps, warmup_steps, weight_decay, b1, b2, eps, clip_norm (<=0: none)."""
+    """`cfg` fields: lr, total_steps, warmup_steps, weight_decay, b1, b2, eps, clip_norm (<=0: none),
+    optional head_lr_mult (learning-rate multiplier of the drug head, default 1)."""
     schedule = make_schedule(float(cfg.lr), int(cfg.total_steps), int(cfg.warmup_steps))
     parts = []
     if float(cfg.clip_norm) > 0:
         parts.append(optax.clip_by_global_norm(float(cfg.clip_norm)))
     parts.append(optax.adamw(schedule, b1=float(cfg.b1), b2=float(cfg.b2), eps=float(cfg.eps),
                              weight_decay=float(cfg.weight_decay)))
+    mult = float(cfg.get("head_lr_mult", 1.0) if hasattr(cfg, "get") else 1.0)
+    if mult != 1.0:
+        parts.append(scale_matching("'head'", mult))
     return optax.chain(*parts), schedule

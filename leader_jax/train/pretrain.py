@@ -69,8 +69,13 @@ def build_corpus(cfg: ConfigDict, prepared) -> tuple[list[str], dict[str, int]]:
     """Training-split prompts + packed titles (dataset vocabulary names + dictionary files), shuffled."""
     from leader_jax.data.prompts import build_prompt
 
+    from leader_jax.data.prompts import display
+
     prompts = [build_prompt(s, prepared.vocab, max_history=cfg.data.max_history, profile=cfg.data.profile)
                for s in prepared.splits["train"]]
+    if cfg.corpus.get("with_targets", False):      # train split only: its drugs are training labels anyway
+        prompts = [p + display(s.target.medications, prepared.vocab) + "."
+                   for p, s in zip(prompts, prepared.splits["train"])]
     titles = sorted(set(prepared.vocab.names.values()))
     for spec in cfg.corpus.title_sources:
         titles.extend(read_titles(spec))

@@ -52,7 +52,7 @@ def build_teacher(cfg: ConfigDict, n_med: int, mesh) -> Teacher:
         lora.add_adapter(base, "task", t.targets, rank=t.rank, alpha=t.alpha, dropout=t.dropout,
                          param_type=lora.TaskLoRA, seed=cfg.seed + 1)
     with nnx.use_eager_sharding(False):
-        teacher = Teacher(base, n_med, rngs=nnx.Rngs(cfg.seed + 2))
+        teacher = Teacher(base, n_med, rngs=nnx.Rngs(cfg.seed + 2), pool=cfg.model.get("pool", "last"))
     return place(teacher, mesh)
 
 
