@@ -152,3 +152,40 @@ def test_predictions_and_eval(runs, setup):
     # adapters exported in PEFT format + head
     assert (root / "A" / "adapters" / "task" / "adapter_model.safetensors").exists()
     assert np.load(root / "A" / "head.npy").shape == (32, data.vocab.n_med)
+
+
+def test_bf16_frozen_base_fp32_trainables():
+    """D18: the frozen base is cast to bf16 inside the engine; adapters, head and optimizer state stay fp32;
+    the bf16 step's loss is close to the fp32 step's, and only trainable leaves have optimizer state."""
+    import jax
+    import optax
+    from flax import nnx
+    from leader_jax import sharding as shd
+    from leader_jax.models import lora
+    from leader_jax.models.llama import LlamaConfig, init_model
+    from leader_jax.models.teacher import HeadParam, Teacher, bce_loss
+    from leader_jax.train.engine import Engine, place
+    from leader_jax.train.teacher import teacher_loss
+
+    mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 64, size=(1, 4, 16)).astype(np.int32)
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+             "labels": (rng.random((1, 4, 10)) < 0.3).astype(np.uint8)}
+    losses = {}
+    for dt in ("float32", "bfloat16"):
+        base = init_model(LlamaConfig.tiny(vocab_size=64, hidden_size=32, intermediate_size=64), seed=0)
+        lora.add_adapter(base, "task", "q,v", rank=2, alpha=4)
+        with nnx.use_eager_sharding(False):
+            t = place(Teacher(base, 10, rngs=nnx.Rngs(1)), mesh)
+        e = Engine(t, nnx.Any(lora.TaskLoRA, HeadParam), optax.adam(1e-3), mesh, teacher_loss, frozen_dtype=dt)
+        frozen_dtypes = {str(x.dtype) for x in jax.tree.leaves(e.frozen) if x.ndim > 1}
+        assert frozen_dtypes == {dt}
+        assert {str(x.dtype) for x in jax.tree.leaves(e.trainable)} == {"float32"}
+        opt_leaves = [x for x in jax.tree.leaves(e.opt_state) if x.ndim > 0]
+        assert len(opt_leaves) == 2 * len(jax.tree.leaves(e.trainable))       # adam mu, nu: trainables only
+        assert all(str(x.dtype) == "float32" for x in opt_leaves)
+        sharded = {k: jax.device_put(v, jax.sharding.NamedSharding(mesh, jax.P())) for k, v in batch.items()}
+        losses[dt] = e.train_step(sharded)["loss"]
+    assert np.isfinite(losses["bfloat16"])
+    np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=2e-2)

@@ -128,14 +128,20 @@ def encode_samples(samples: Sequence[Any], vocab: Any, tokenizer: Any, special: 
                    dropped_ids=[s.id for s, k in zip(samples, keep) if not k])
 
 
+SEGMENT_SEP = "\x1e"   # in a stage-1 document: replaced by an EOS token ("BOS prompt EOS drugs EOS")
+
+
 def encode_texts(texts: Sequence[str], tokenizer: Any, special: SpecialIds, max_len: int) -> Encoded:
-    """Stage-1 corpus: `BOS + text + EOS`, cut to max_len (plain LM text has no current visit to keep)."""
+    """Stage-1 corpus: `BOS + text + EOS` (each SEGMENT_SEP becomes an EOS), cut to max_len."""
     n = len(texts)
     ids = np.full((n, max_len), special.pad, dtype=np.int32)
     lengths = np.zeros((n,), np.int32)
     n_trunc = 0
     for i, t in enumerate(texts):
-        toks = [special.bos] + encode_text(tokenizer, t) + [special.eos]
+        toks = [special.bos]
+        for j, seg in enumerate(t.split(SEGMENT_SEP)):
+            toks += ([special.eos] if j else []) + encode_text(tokenizer, seg)
+        toks.append(special.eos)
         if len(toks) > max_len:
             toks, n_trunc = toks[:max_len], n_trunc + 1
         ids[i, :len(toks)] = toks

@@ -74,7 +74,8 @@ def build_corpus(cfg: ConfigDict, prepared) -> tuple[list[str], dict[str, int]]:
     prompts = [build_prompt(s, prepared.vocab, max_history=cfg.data.max_history, profile=cfg.data.profile)
                for s in prepared.splits["train"]]
     if cfg.corpus.get("with_targets", False):      # train split only: its drugs are training labels anyway
-        prompts = [p + display(s.target.medications, prepared.vocab) + "."
+        # "BOS prompt EOS drugs EOS": the EOS state, which the teacher pools, learns to predict the drugs
+        prompts = [p + tdata.SEGMENT_SEP + display(s.target.medications, prepared.vocab)
                    for p, s in zip(prompts, prepared.splits["train"])]
     titles = sorted(set(prepared.vocab.names.values()))
     for spec in cfg.corpus.title_sources:
@@ -168,7 +169,8 @@ def train(cfg: ConfigDict) -> dict[str, Any]:
     # tokenizer: trained here (full mode from scratch) or the base model's
     if cfg.tokenizer.train:
         tok_dir = run / "tokenizer"
-        tok = train_tokenizer(train_docs, cfg.tokenizer.vocab_size, tok_dir)
+        tok = train_tokenizer([d.replace(tdata.SEGMENT_SEP, " ") for d in train_docs], cfg.tokenizer.vocab_size,
+                              tok_dir)
     else:
         tok = common.load_tokenizer(cfg.tokenizer.path or cfg.model.path)
     special = tdata.SpecialIds.from_tokenizer(tok)
