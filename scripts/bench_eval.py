@@ -22,6 +22,7 @@ def main() -> None:
     ap.add_argument("--m", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", default="", help="also write the results to this file")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     y = (rng.random((args.n, args.m)) < 0.05).astype(np.uint8)
@@ -42,6 +43,13 @@ def main() -> None:
           f"over {args.repeats} runs (min {min(times):.2f}, max {max(times):.2f}); "
           f"best_threshold (99-point grid) {t_best:.2f} s; cpus visible: {os.cpu_count()} "
           f"(shared machine: timings are indicative); overall PRAUC {res['overall']['prauc']:.4f}")
+    if args.json:
+        from leader_jax.io import atomic_write_json
+        atomic_write_json(args.json, {"n": args.n, "m": args.m, "rounds": args.rounds, "repeats": args.repeats,
+                                      "summarize_median_s": round(statistics.median(times), 3),
+                                      "summarize_times_s": [round(t, 3) for t in times],
+                                      "samples_per_s": round(args.n / statistics.median(times)),
+                                      "best_threshold_s": round(t_best, 3), "cpu_count": os.cpu_count()})
 
 
 if __name__ == "__main__":

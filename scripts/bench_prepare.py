@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None, help="folder for raw + prepared data (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--json", default="", help="also write the results to this file")
     a = ap.parse_args()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="leader_jax_bench_"))
     try:
@@ -40,10 +41,14 @@ def main() -> None:
         data.save(work / "prepared")
         t_total = time.perf_counter() - t0
         s = data.stats
-        print(json.dumps({"patients_generated": a.patients, "raw_rows": sizes, "generate_s": round(t_gen, 1),
-                          "n_patients": s["n_patients"], "n_visits": s["n_visits"], "n_med": s["n_med"],
-                          "prepare_s": round(t_read, 1), "prepare_and_save_s": round(t_total, 1),
-                          "cpu_count": os.cpu_count()}, indent=1))
+        res = {"patients_generated": a.patients, "raw_rows": sizes, "generate_s": round(t_gen, 1),
+               "n_patients": s["n_patients"], "n_visits": s["n_visits"], "n_med": s["n_med"],
+               "prepare_s": round(t_read, 1), "prepare_and_save_s": round(t_total, 1),
+               "patients_per_s": round(s["n_patients"] / t_total), "cpu_count": os.cpu_count()}
+        print(json.dumps(res, indent=1))
+        if a.json:
+            from leader_jax.io import atomic_write_json
+            atomic_write_json(a.json, res)
         verdict = "OK" if t_total <= 120 else "SLOWER THAN TARGET"
         print(f"prepare of {a.patients} synthetic patients: {t_total:.1f} s (target <= 120 s; {verdict})")
     finally:
