@@ -20,6 +20,7 @@ def get_config() -> ConfigDict:
     c.model.param_dtype = "float32"    # dtype the base is loaded in
     c.model.dtype = "float32"          # compute dtype
     c.model.pool = "last"              # last = final-norm state at EOS (the paper); mean = over real tokens
+    c.model.head_norm = False          # standardise the pooled state (train-split stats) before the head
     c.model.trainable_base = False     # True: train every base weight too (full fine-tuning of a tiny model)
     c.model.frozen_dtype = "float32"   # cast of the frozen base inside the train step (bfloat16 on GPU/TPU)
     c.model.remat = "none"             # none | full | dots | minimal | ... (llama.REMAT_POLICIES)

@@ -19,10 +19,17 @@ class HeadParam(nnx.Param):
     """Drug-head weights: always trained in stage 2, saved together with the task adapter."""
 
 
+class HeadStats(HeadParam):
+    """Fixed standardisation of the pooled state before the head (`model.head_norm`, tiny CPU models):
+    set once from the training split at the start of stage 2, never updated (stop_gradient), saved with
+    the head. Typed as a head parameter so it is checkpointed and restored with it."""
+
+
 class Teacher(nnx.Module):
     """`teacher(ids, mask)` -> (logits fp32 [B, n_med], pooled hidden fp32 [B, D])."""
 
-    def __init__(self, llama: Llama, n_med: int, *, rngs: nnx.Rngs, std: float = 0.02, pool: str = "last"):
+    def __init__(self, llama: Llama, n_med: int, *, rngs: nnx.Rngs, std: float = 0.02, pool: str = "last",
+                 head_norm: bool = False):
         if pool not in ("last", "mean"):
             raise ValueError(f"pool={pool!r}; expected last (the paper: EOS state) | mean (over real tokens)")
         self.pool = pool
@@ -31,6 +38,10 @@ class Teacher(nnx.Module):
         self.head = HeadParam(std * jax.random.normal(rngs.params(), (d, n_med), jnp.float32),
                               out_sharding=("embed", "labels"))
         self.n_med = int(n_med)
+        self.head_norm = bool(head_norm)
+        if self.head_norm:
+            self.head_mean = HeadStats(jnp.zeros((d,), jnp.float32), out_sharding=(None,))
+            self.head_scale = HeadStats(jnp.ones((d,), jnp.float32), out_sharding=(None,))
 
     def __call__(self, input_ids, attention_mask):
         hidden = self.llama.hidden_states(input_ids, attention_mask)
@@ -39,7 +50,11 @@ class Teacher(nnx.Module):
         else:
             m = attention_mask.astype(jnp.float32)[..., None]
             pooled = jnp.sum(hidden.astype(jnp.float32) * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
-        logits = pooled @ self.head[...]
+        feats = pooled
+        if self.head_norm:
+            feats = (pooled - jax.lax.stop_gradient(self.head_mean[...])) * jax.lax.stop_gradient(
+                self.head_scale[...])
+        logits = feats @ self.head[...]
         return logits, pooled
 
 

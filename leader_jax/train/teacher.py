@@ -52,7 +52,8 @@ def build_teacher(cfg: ConfigDict, n_med: int, mesh) -> Teacher:
         lora.add_adapter(base, "task", t.targets, rank=t.rank, alpha=t.alpha, dropout=t.dropout,
                          param_type=lora.TaskLoRA, seed=cfg.seed + 1)
     with nnx.use_eager_sharding(False):
-        teacher = Teacher(base, n_med, rngs=nnx.Rngs(cfg.seed + 2), pool=cfg.model.get("pool", "last"))
+        teacher = Teacher(base, n_med, rngs=nnx.Rngs(cfg.seed + 2), pool=cfg.model.get("pool", "last"),
+                          head_norm=bool(cfg.model.get("head_norm", False)))
     return place(teacher, mesh)
 
 
@@ -101,6 +102,23 @@ def predict_split(engine: Engine, enc: tdata.Encoded, batch_size: int, desc: str
         probs.append(np.asarray(p)[:len(rows)])
         pooled.append(np.asarray(h)[:len(rows)])
     return np.concatenate(probs).astype(np.float32), np.concatenate(pooled).astype(np.float32)
+
+
+def set_head_stats(engine: Engine, enc: tdata.Encoded, batch_size: int) -> None:
+    """head_norm: mean and 1/std of the initial pooled state over the training split."""
+    _, pooled = predict_split(engine, enc, batch_size, desc="head stats")
+    mean = pooled.mean(0)
+    inv = 1.0 / (pooled.std(0) + 1e-6)
+
+    def put(path, x):
+        k = jax.tree_util.keystr(path)
+        if "head_mean" in k:
+            return jax.device_put(mean.astype(x.dtype), x.sharding)
+        if "head_scale" in k:
+            return jax.device_put(inv.astype(x.dtype), x.sharding)
+        return x
+
+    engine.trainable = jax.tree_util.tree_map_with_path(put, engine.trainable)
 
 
 def val_prauc(y_true: np.ndarray, y_prob: np.ndarray) -> float:
@@ -158,6 +176,8 @@ def train(cfg: ConfigDict) -> dict[str, Any]:
     if tr.resume and ckpt.latest_step() is not None:
         meta = engine.restore(ckpt)
         best_val, best_step = float(meta.get("best_val", -1.0)), int(meta.get("best_step", -1))
+    if cfg.model.get("head_norm", False) and engine.step == 0:
+        set_head_stats(engine, train_enc, int(cfg.eval.batch_size))
     log = common.open_log(run, engine.step)
     info = {"n_trainable": engine.n_trainable(), "n_frozen": engine.n_frozen(), **common.mesh_info(mesh),
             "n_train": len(train_enc), "n_val": len(val_enc),
