@@ -87,6 +87,9 @@ def main() -> None:
     t_warm = time.perf_counter() - t
     t_inf, inf_times = median_time(lambda: trainer.predict(enc, caps, args.eval_batch_size), args.repeats)
 
+    print(f"inference: median {t_inf:.3f} s for {args.patients} patients at batch {args.eval_batch_size} "
+          f"= {args.patients / t_inf:,.0f} patients/s (passes {[round(x, 3) for x in inf_times]})", flush=True)
+
     # training: one warm-up batch per bucket (compiles), then timed epochs
     t = time.perf_counter()
     for b in np.unique(buckets):

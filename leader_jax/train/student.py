@@ -294,7 +294,9 @@ class StudentTrainer:
         return out
 
     def compile_counts(self) -> dict[str, int]:
-        return {"train_step": self.train_step._cache_size(), "predict_step": self.predict_step._cache_size()}
+        """Executables compiled so far per step (jit's private `_cache_size`; -1 if a jax lacks it)."""
+        size = lambda f: int(f._cache_size()) if hasattr(f, "_cache_size") else -1  # noqa: E731
+        return {"train_step": size(self.train_step), "predict_step": size(self.predict_step)}
 
     def host_params(self):
         return jax.device_get(self.params)
