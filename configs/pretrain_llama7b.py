@@ -30,6 +30,7 @@ def get_config():
     c.tokenizer.train = False             # the base model's tokenizer
     c.domain.update(dict(rank=16, alpha=32.0, dropout=0.0, targets="q,v"))
     c.corpus.max_titles = 0               # every title
+    c.corpus.with_targets = False         # plain domain text, as the paper's step 1
     c.corpus.pack_chars = 4000
     c.data.max_len = 1024
     c.train.steps = 1000

@@ -43,7 +43,8 @@ def get_config() -> ConfigDict:
     c.corpus.max_titles = 8000           # random subset of the titles (0 = all)
     c.corpus.pack_chars = 500            # titles joined into documents of about this many characters
     c.corpus.heldout_fraction = 0.05
-    c.corpus.with_targets = False        # append the target visit's drug names to each TRAIN prompt
+    c.corpus.with_targets = True         # TRAIN prompts as "BOS prompt EOS drugs EOS" (the EOS state learns
+                                         # to predict the drugs); val/test never enter the corpus
 
     c.data = ConfigDict(dict(max_len=192, max_history=3, profile=False))
 

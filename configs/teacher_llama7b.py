@@ -30,6 +30,7 @@ def get_config():
     c.model.frozen_dtype = "bfloat16"
     c.model.remat = "minimal"             # recompute the MLP, keep q/k/v/attention outputs
     c.model.attention_impl = "cudnn"      # "" on TPU/CPU
+    c.model.head_norm = False             # the paper's plain linear head on the EOS state
     c.data.max_len = 2048
     c.data.eval_max_len = 2048
     c.data.max_history = 3

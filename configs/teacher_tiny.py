@@ -20,7 +20,7 @@ def get_config() -> ConfigDict:
     c.model.param_dtype = "float32"    # dtype the base is loaded in
     c.model.dtype = "float32"          # compute dtype
     c.model.pool = "last"              # last = final-norm state at EOS (the paper); mean = over real tokens
-    c.model.head_norm = False          # standardise the pooled state (train-split stats) before the head
+    c.model.head_norm = True           # standardise the pooled state (train-split stats) before the head
     c.model.trainable_base = False     # True: train every base weight too (full fine-tuning of a tiny model)
     c.model.frozen_dtype = "float32"   # cast of the frozen base inside the train step (bfloat16 on GPU/TPU)
     c.model.remat = "none"             # none | full | dots | minimal | ... (llama.REMAT_POLICIES)
@@ -43,13 +43,13 @@ def get_config() -> ConfigDict:
     c.lora.task = ConfigDict(dict(rank=8, alpha=32.0, dropout=0.1, targets="q,k,v,o,gate,up,down"))
 
     c.train = ConfigDict()
-    c.train.steps = 300
+    c.train.steps = 800
     c.train.micro_batch = 16           # sequences per micro-batch (multiple of data*fsdp)
     c.train.accum = 1                  # gradient accumulation (the paper: 32 sequences / step)
     c.train.optim = ConfigDict(dict(lr=2e-3, warmup_steps=10, weight_decay=0.0, b1=0.9, b2=0.999,
                                     eps=1e-8, clip_norm=1.0, head_lr_mult=1.0))
-    c.train.eval_every = 50            # validation PRAUC; best step kept (D13); 0 = keep last
-    c.train.ckpt_every = 50
+    c.train.eval_every = 100           # validation PRAUC; best step kept (D13); 0 = keep last
+    c.train.ckpt_every = 100
     c.train.resume = True
     c.train.stop_after = 0             # >0: stop after this step without finishing (kill simulation)
 
