@@ -31,7 +31,6 @@ from leader_jax.train import common, data as tdata, distributed
 from leader_jax.train.engine import Checkpointer, Engine, StepTimer
 from leader_jax.train.optim import make_optimizer
 
-SPECIAL = ("<unk>", "<s>", "</s>")   # ids 0, 1, 2 (LLaMA convention: pad = unk = 0, bos 1, eos 2)
 
 
 # ----------------------------------------------------------------------------------------- corpus
@@ -98,21 +97,16 @@ def split_heldout(docs: list[str], fraction: float) -> tuple[list[str], list[str
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
-    """Byte-level BPE (no unknown bytes) with <unk>=0, <s>=1, </s>=2; saved as an HF tokenizer folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """The byte-level BPE of `leader_jax.tokenizer` (pad 0, bos 1, eos 2, unk 3) trained on `texts`.
+    Process 0 writes it to `out_dir`; other processes train the same (deterministic) one privately."""
+    import tempfile
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", pad_token="<unk>")
+    from leader_jax.tokenizer import load_tokenizer, train_bpe_tokenizer
+
     if distributed.is_main_process():
-        fast.save_pretrained(str(out_dir))
-    return fast
+        return load_tokenizer(train_bpe_tokenizer(texts, vocab_size, out_dir))
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_tokenizer(train_bpe_tokenizer(texts, vocab_size, Path(tmp) / "tok"))
 
 
 # ----------------------------------------------------------------------------------------- training
