@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # LEADER teacher on one GPU host (all local GPUs in one process; FSDP mesh over them).
 #   scripts/train_teacher_gpu.sh PREPARED BASE_HF_DIR RUN [TEACHER_CONFIG] [extra --config.x=y ...]
+# DRY_RUN=1: build the mesh and run one step of a tiny random model (BASE = any folder with a tokenizer).
 # Stage 1 (domain adapter, Clinical LLaMA-LoRA step 1) runs first unless SKIP_STAGE1=1; then stage 2
 # (task adapter + drug head), the feature store, and the evaluation of the teacher's predictions.
 set -euo pipefail
@@ -9,6 +10,11 @@ PREPARED=${1:?prepared data folder}; BASE=${2:?HF LLaMA folder}; RUN=${3:?run fo
 CONFIG=${4:-configs/teacher_llama7b.py}; shift $(( $# < 4 ? $# : 4 ))
 PY=${PYTHON:-python}
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+if [ "${DRY_RUN:-0}" = "1" ]; then     # mesh + one step of a tiny random model (CI, new clusters)
+  source scripts/_teacher_dry_run.sh
+  teacher_dry_run "$@"
+  exit 0
+fi
 DOMAIN_ARGS=()
 if [ "${SKIP_STAGE1:-0}" != "1" ]; then
   $PY -m leader_jax.train.pretrain --config configs/pretrain_llama7b.py \

@@ -5,6 +5,7 @@
 # Every host calls jax.distributed.initialize() (auto-detected on TPU), loads only its share of each batch,
 # and joins the orbax checkpoint saves; only process 0 writes logs, adapters and predictions.
 # PREPARED, BASE_HF_DIR and RUN must be on storage every host sees (e.g. a gcsfuse/NFS mount).
+# DRY_RUN=1: build the mesh and run one step of a tiny random model (BASE = any folder with a tokenizer).
 # Other launchers: set LEADER_JAX_COORDINATOR=host:port LEADER_JAX_NUM_PROCESSES=N LEADER_JAX_PROCESS_ID=i
 # instead of relying on auto-detection.
 set -euo pipefail
@@ -15,6 +16,11 @@ PY=${PYTHON:-python}
 AUTO=True
 [ -n "${LEADER_JAX_COORDINATOR:-}" ] && AUTO=False
 COMMON=(--config.distributed.auto=$AUTO --config.model.attention_impl= )
+if [ "${DRY_RUN:-0}" = "1" ]; then     # mesh + one step of a tiny random model (CI, new clusters)
+  source scripts/_teacher_dry_run.sh
+  teacher_dry_run "$@"
+  exit 0
+fi
 DOMAIN_ARGS=()
 if [ "${SKIP_STAGE1:-0}" != "1" ]; then
   $PY -m leader_jax.train.pretrain --config configs/pretrain_llama7b.py "${COMMON[@]}" \
