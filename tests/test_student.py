@@ -267,6 +267,24 @@ def test_overfits_64_samples(data, enc, store, run_a):
     m = ts.split_metrics(sub.labels, tr.predict(sub, caps, cfg.eval_batch_size), 0.5)
     assert m["jaccard"] > 0.9, m
     assert tr.compile_counts() == {"train_step": 1, "predict_step": 1}
+    # packed inference (real tokens only) == the bucketed, padded forward pass of the same model
+    np.testing.assert_allclose(tr.predict(sub, caps, cfg.eval_batch_size),
+                               tr.predict(sub, caps, cfg.eval_batch_size, packed=False), atol=1e-5)
+
+
+def test_pack_batches_cover_rows_and_budgets(enc):
+    caps = ts.bucket_caps(enc.needs, 1)
+    lay = ts.pack_layout(enc, caps, 16)
+    small = ts.PackLayout(batch=16, visit_width=lay.visit_width, visit_rows=3, width=lay.width, rows=(12, 10, 10))
+    got = list(ts.pack_batches(enc, small))
+    assert np.concatenate([r for r, _ in got]).tolist() == list(range(len(enc)))
+    for rows, pb in got:
+        assert len(rows) <= 16 and pb["diag_tok"].shape == (12, lay.width[0]) and pb["v_seg"].shape == (3, 10)
+        for name in ts.STREAMS:   # every real code of every kept visit is packed exactly once, in order
+            want = np.sort(getattr(enc, name)[rows][getattr(enc, name)[rows] > 0])
+            np.testing.assert_array_equal(np.sort(pb[f"{name}_tok"][pb[f"{name}_tok"] > 0]), want)
+        assert (pb["v_seg"] > 0).sum() == enc.n_visits[rows].sum()
+        assert np.bincount(pb["v_pat"][pb["v_seg"] > 0], minlength=len(rows)).tolist() == enc.n_visits[rows].tolist()
 
 
 def test_feature_store_id_mismatch_is_a_clear_error(prepared_synthetic, data, tmp_path):

@@ -137,13 +137,13 @@ class TransformerBlock(nnx.Module):
         self.rate, self.attn_rate = cfg.dropout, cfg.attn_dropout
 
     def __call__(self, x, mask, drop: Dropout):
-        """x [N, L, d], mask [N, L] bool (keys that exist)."""
+        """x [N, L, d], mask [N, L] bool (keys that exist) or [N, L, L] (per query: packed segments)."""
         n, length, d = x.shape
         hd = d // self.heads
         h = self.ln1(x)
         q, k, v = (f(h).reshape(n, length, self.heads, hd) for f in (self.q, self.k, self.v))
         s = jnp.einsum("nqhd,nkhd->nhqk", q, k) / math.sqrt(hd)
-        s = jnp.where(mask[:, None, None, :], s, _NEG)
+        s = jnp.where(mask[:, None, None, :] if mask.ndim == 2 else mask[:, None, :, :], s, _NEG)
         p = drop(jax.nn.softmax(s, axis=-1), self.attn_rate)
         a = self.o(jnp.einsum("nhqk,nkhd->nqhd", p, v).reshape(n, length, d))
         x = x + drop(a, self.rate)
@@ -229,9 +229,53 @@ class Student(nnx.Module):
             streams = streams + jnp.concatenate([self.recency(age)] * 3, axis=0)
         pooled = masked_mean(self.visit_enc(streams, mask3, drop), mask3, axis=1)
         c = jnp.concatenate(jnp.split(pooled, 3, axis=0), axis=-1)     # [B, 3d]
-        h = self.head1(jax.nn.relu(c))
-        logits = self.head2(jax.nn.relu(h))
+        h, logits = self.head(c)
         return {"logits": logits, "mediator": h, "profile": prof}
+
+    def head(self, c):
+        """[B, 3d] patient vector → (mediator [B, head_hidden], logits [B, n_med])."""
+        h = self.head1(jax.nn.relu(c))
+        return h, self.head2(jax.nn.relu(h))
+
+    def predict_packed(self, pb: dict):
+        """Inference logits [B, n_med] from a *packed* batch (`leader_jax.train.student.pack_batch`):
+        the same function as `__call__(batch)["logits"]` without dropout, but only real tokens are
+        computed. Each stream's non-empty code sets are packed next to each other into rows of width
+        W (`{s}_tok` ids, `{s}_seg` 1-based set number within the row, `{s}_set` set index, S = pad),
+        attention is restricted to the own set by a segment mask, and the set vectors (masked means)
+        are scattered back by index; the visit encoder runs the same way on packed visit slots
+        (`v_seg`, `v_pat` patient index, B = pad, `v_age`, `v_first`, `v_{s}` set index of each slot)."""
+        drop = Dropout(None)
+        prof = self.profile_vector(pb["profile"])                       # [B, d]
+        b, d = prof.shape
+        n_sets = pb["v_seg"].size                                       # S: set-index space (pad = S)
+
+        def seg_mask(seg):
+            return (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
+
+        def seg_mean(x, seg, idx, n):
+            real = (seg > 0).reshape(-1, 1).astype(x.dtype)
+            idx = idx.reshape(-1)
+            tot = jax.ops.segment_sum(x.reshape(-1, d) * real, idx, num_segments=n + 1)
+            cnt = jax.ops.segment_sum(real, idx, num_segments=n + 1)
+            return tot / jnp.maximum(cnt, 1.0)                          # [n + 1, d]; row n = 0
+
+        vecs = []
+        for name, emb, enc in (("diag", self.diag_emb, self.diag_enc), ("proc", self.proc_emb, self.proc_enc),
+                               ("med", self.med_emb, self.med_enc)):
+            seg = pb[f"{name}_seg"]
+            y = enc(emb(pb[f"{name}_tok"]), seg_mask(seg), drop)
+            vecs.append(jnp.take(seg_mean(y, seg, pb[f"{name}_set"], n_sets), pb[f"v_{name}"], axis=0))
+        prof_pad = jnp.concatenate([prof, jnp.zeros((1, d), prof.dtype)], axis=0)
+        vecs[2] = jnp.where(pb["v_first"][..., None], jnp.take(prof_pad, pb["v_pat"], axis=0), vecs[2])
+        streams = jnp.concatenate(vecs, axis=0)                         # [3Rv, Wv, d]
+        if self.recency is not None:
+            streams = streams + jnp.concatenate([self.recency(pb["v_age"])] * 3, axis=0)
+        vseg = jnp.concatenate([pb["v_seg"]] * 3, axis=0)
+        y = self.visit_enc(streams, seg_mask(vseg), drop)
+        rv = pb["v_seg"].shape[0]
+        pooled = [seg_mean(y[i * rv:(i + 1) * rv], pb["v_seg"], pb["v_pat"], b)[:b] for i in range(3)]
+        return self.head(jnp.concatenate(pooled, axis=-1))[1]
 
     def align_pair(self, target, profile_vec, key=None):
         """Projected target-drug-set embedding x [B, d] and profile embedding y [B, d] (D8: the target
