@@ -18,7 +18,7 @@ SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # ids 0, 1, 2, 3
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir, min_frequency: int = 2,
-                        model_max_length: int = 2048) -> Path:
+                        model_max_length: int = 1_000_000) -> Path:
     """Train a byte-level BPE on `texts` and save it (HF format) to `out_dir` atomically; returns the path."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast

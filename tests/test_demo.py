@@ -18,6 +18,7 @@ def tiny_demo_config(out):
         cfg.pretrain.model.arch.update(dict(hidden_size=32, intermediate_size=64, num_attention_heads=2,
                                             num_key_value_heads=1, vocab_size=300))
         cfg.teacher.train.steps, cfg.teacher.train.optim.warmup_steps, cfg.teacher.train.eval_every = 2, 0, 0
+        cfg.teacher.data.eval_max_len = 1024           # a 300-token BPE makes long prompts
         cfg.student.epochs, cfg.student.d, cfg.student.ffn = 1, 16, 32
         cfg.baseline.logistic.steps, cfg.baseline.logistic.eval_every = 3, 1
         cfg.eval.rounds, cfg.eval.plots = 3, True
