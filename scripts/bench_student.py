@@ -1,7 +1,12 @@
 """Benchmark LEADER(S): inference throughput (patients/s at batch 512) and one training epoch on
 synthetic patients, with the default model (d 64, 4 heads, FFN 300, 10 visits). Prints medians.
 
-    PYTHONPATH=. .venv/bin/python scripts/bench_student.py [--patients 46000] [--repeats 5]
+    PYTHONPATH=. .venv/bin/python scripts/bench_student.py [--patients 46000] [--repeats 5] \
+        [--padded] [--train_epochs 0]
+
+Inference uses the packed path (`StudentTrainer.predict`, real tokens only); `--padded` also times the
+bucketed, padded reference path (`predict(packed=False)`), interleaved pass by pass with the packed
+one so both see the same machine load. `--train_epochs 0` skips the (long) timed training epoch.
 
 Patients are built in memory with MIMIC-III-like sizes (2,000 diagnosis / 1,430 procedure / 131 drug
 codes, 1 + Geometric(0.6) visits capped at 30, per-visit set sizes Poisson(13 / 4 / 15)) as real
@@ -57,7 +62,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--patients", type=int, default=46000)
     ap.add_argument("--repeats", type=int, default=5, help="inference repeats (median reported)")
-    ap.add_argument("--train_epochs", type=int, default=1, help="timed training epochs (median reported)")
+    ap.add_argument("--train_epochs", type=int, default=1, help="timed training epochs (median; 0 = skip)")
+    ap.add_argument("--padded", action="store_true", help="also time the padded reference inference path")
     ap.add_argument("--batch_size", type=int, default=16, help="training batch (config default 16)")
     ap.add_argument("--eval_batch_size", type=int, default=512)
     ap.add_argument("--teacher_dim", type=int, default=4096, help="KD target size (LLaMA-7B: 4096)")
@@ -85,10 +91,25 @@ def main() -> None:
     t = time.perf_counter()
     trainer.predict(enc, caps, args.eval_batch_size)
     t_warm = time.perf_counter() - t
-    t_inf, inf_times = median_time(lambda: trainer.predict(enc, caps, args.eval_batch_size), args.repeats)
-
+    pad_res = {}
+    if args.padded:
+        t = time.perf_counter()
+        ref = trainer.predict(enc, caps, args.eval_batch_size, packed=False)
+        pad_res["padded_compile_and_first_pass_s"] = round(time.perf_counter() - t, 2)
+        pad_res["packed_vs_padded_max_abs_diff"] = float(np.abs(ref - trainer.predict(enc, caps, args.eval_batch_size)).max())
+    inf_times, pad_times = [], []
+    for _ in range(args.repeats):       # interleaved: packed and padded passes see the same load
+        inf_times.append(median_time(lambda: trainer.predict(enc, caps, args.eval_batch_size), 1)[0])
+        if args.padded:
+            pad_times.append(median_time(lambda: trainer.predict(enc, caps, args.eval_batch_size, packed=False), 1)[0])
+    t_inf = statistics.median(inf_times)
     print(f"inference: median {t_inf:.3f} s for {args.patients} patients at batch {args.eval_batch_size} "
           f"= {args.patients / t_inf:,.0f} patients/s (passes {[round(x, 3) for x in inf_times]})", flush=True)
+    if args.padded:
+        t_pad = statistics.median(pad_times)
+        pad_res.update(padded_predict_median_s=round(t_pad, 3), padded_predict_times_s=[round(x, 3) for x in pad_times],
+                       padded_patients_per_s=round(args.patients / t_pad))
+        print(f"padded reference: median {t_pad:.3f} s = {args.patients / t_pad:,.0f} patients/s", flush=True)
 
     # training: one warm-up batch per bucket (compiles), then timed epochs
     t = time.perf_counter()
@@ -104,7 +125,7 @@ def main() -> None:
             parts = trainer.train_batch(ts.make_batch(enc, rows, caps[b], args.batch_size, True))
         jax.block_until_ready(parts)
 
-    t_epoch, epoch_times = median_time(epoch, args.train_epochs)
+    t_epoch, epoch_times = median_time(epoch, args.train_epochs) if args.train_epochs > 0 else (float("nan"), [])
     res = {
         "patients": args.patients, "devices": str(jax.devices()[0].platform), "cpu_count": os.cpu_count(),
         "n_params": n_params, "buckets": [list(c) for c in caps],
@@ -114,10 +135,10 @@ def main() -> None:
         "encode_patients_per_s": round(args.patients / t_enc),
         "predict_compile_and_first_pass_s": round(t_warm, 2),
         "predict_median_s": round(t_inf, 3), "predict_times_s": [round(x, 3) for x in inf_times],
-        "inference_patients_per_s": round(args.patients / t_inf),
+        "inference_patients_per_s": round(args.patients / t_inf), **pad_res,
         "train_compile_s": round(t_train_warm, 2), "train_batch_size": args.batch_size,
-        "train_epoch_median_s": round(t_epoch, 2), "train_epoch_times_s": [round(x, 2) for x in epoch_times],
-        "train_patients_per_s": round(args.patients / t_epoch),
+        "train_epoch_median_s": round(t_epoch, 2) if epoch_times else None, "train_epoch_times_s": [round(x, 2) for x in epoch_times],
+        "train_patients_per_s": round(args.patients / t_epoch) if epoch_times else None,
         "compile_counts": trainer.compile_counts(),
     }
     print(json.dumps(res, indent=2))
