@@ -19,7 +19,7 @@ def tiny_demo_config(out):
                                             num_key_value_heads=1, vocab_size=300))
         cfg.teacher.train.steps, cfg.teacher.train.optim.warmup_steps, cfg.teacher.train.eval_every = 2, 0, 0
         cfg.teacher.data.eval_max_len = 1024           # a 300-token BPE makes long prompts
-        cfg.student.epochs, cfg.student.d, cfg.student.ffn = 1, 16, 32
+        cfg.student.epochs, cfg.student.d, cfg.student.ffn, cfg.student.bucket_levels = 1, 16, 32, 1
         cfg.baseline.logistic.steps, cfg.baseline.logistic.eval_every = 3, 1
         cfg.eval.rounds, cfg.eval.plots = 3, True
     return cfg
