@@ -1,19 +1,11 @@
 """Stage 1 on a real base (Clinical LLaMA-LoRA step 1): a DomainLoRA adapter (r 16, alpha 32, dropout 0,
 q and v: the paper's choice) on the frozen LLaMA-7B, causal LM over the training-split prompts + ICD/ATC
 titles, lr 3e-4, 6 % warmup. Writes PRE/domain_adapter for configs/teacher_llama7b.py (lora.domain_path)."""
-import importlib.util
-from pathlib import Path
+from leader_jax.cli import load_config
 
 
-def _sibling(name):
-    """Load another config file of this folder by path (works without `configs` on sys.path)."""
-    spec = importlib.util.spec_from_file_location(f"_leader_cfg_{name}", Path(__file__).with_name(f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config
-
-
-_tiny = _sibling("pretrain_tiny")
+def _tiny():
+    return load_config("pretrain_tiny.py")
 
 
 def get_config():

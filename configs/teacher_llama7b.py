@@ -4,19 +4,11 @@ LoRA r 8, alpha 32, dropout 0.1 on q, k, v, o, gate, up, down; lr 2e-4 with line
 
 scripts/train_teacher_gpu.sh configs/teacher_llama7b.py PREPARED /models/llama-7b RUN
 """
-import importlib.util
-from pathlib import Path
+from leader_jax.cli import load_config
 
 
-def _sibling(name):
-    """Load another config file of this folder by path (works without `configs` on sys.path)."""
-    spec = importlib.util.spec_from_file_location(f"_leader_cfg_{name}", Path(__file__).with_name(f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config
-
-
-_tiny = _sibling("teacher_tiny")
+def _tiny():
+    return load_config("teacher_tiny.py")
 
 
 def get_config():

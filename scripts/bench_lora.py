@@ -45,7 +45,6 @@ def interleaved(fns: dict, reps: int) -> dict[str, float]:
 
 
 def bench_lora_step(size: str, batch: int, seq: int, n_med: int, reps: int) -> dict:
-    import jax
     import jax.numpy as jnp
     import numpy as np
     import optax

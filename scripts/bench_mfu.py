@@ -47,7 +47,6 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
     import optax
     from flax import nnx

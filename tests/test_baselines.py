@@ -12,7 +12,6 @@ import importlib.util
 
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
 
 from leader_jax import baselines as B
 from leader_jax.data.dataset import PreparedData, Sample, Vocab

@@ -90,7 +90,6 @@ def test_store_matches_teacher_outputs(stores, teacher_run):
     from leader_jax.train import common, data as tdata
     from leader_jax.train.teacher import build_teacher, encode_split, tokenizer_path
     from leader_jax.train.engine import _abstract
-    from leader_jax.models.teacher import Teacher
     from flax import nnx
 
     root, *_ = stores

@@ -3,7 +3,6 @@
 gradients vs torch autograd; scan/remat equivalence; the Linear.adapters contract."""
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

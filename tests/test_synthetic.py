@@ -1,13 +1,13 @@
 """Synthetic MIMIC-III tables: format, determinism, NDCs that map through the real tables, and
 latent structure that makes drugs predictable from diagnoses."""
 import csv
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 import numpy as np
 import pytest
 
 from leader_jax.data import mappings
-from leader_jax.data.dataset import SPLITS, PreparedData
+from leader_jax.data.dataset import PreparedData
 from leader_jax.data.synthetic import MAPS, write_mimic3
 
 

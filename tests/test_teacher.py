@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from leader_jax.io import read_jsonl, load_npz
+from leader_jax.io import read_jsonl
 
 N_STEPS = 10
 
@@ -167,7 +167,7 @@ def test_bf16_frozen_base_fp32_trainables():
     from leader_jax import sharding as shd
     from leader_jax.models import lora
     from leader_jax.models.llama import LlamaConfig, init_model
-    from leader_jax.models.teacher import HeadParam, Teacher, bce_loss
+    from leader_jax.models.teacher import HeadParam, Teacher
     from leader_jax.train.engine import Engine, place
     from leader_jax.train.teacher import teacher_loss
 

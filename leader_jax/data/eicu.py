@@ -12,7 +12,7 @@ Profile: gender, age bucket, ethnicity, unittype, unitadmitsource.
 from __future__ import annotations
 
 import re
-from collections import Counter, defaultdict
+from collections import Counter
 from typing import Dict
 
 import numpy as np

@@ -16,9 +16,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp

@@ -86,6 +86,21 @@ def load_base(mcfg: ConfigDict, mesh, seed: int):
     raise UserError(f"model.source={mcfg.source!r}; expected 'hf' or 'scratch'")
 
 
+def start_run(cfg: ConfigDict):
+    """Shared start of a training stage: distributed init, the run folder with its config.json, and the
+    prepared data -> (run folder, PreparedData). A bad data folder is a one-line UserError."""
+    from leader_jax.data.dataset import PreparedData
+
+    setup_distributed(cfg)
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    write_json(run / "config.json", json.loads(cfg.to_json_best_effort()))
+    try:
+        return run, PreparedData.load(cfg.data_dir)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise UserError(f"cannot load prepared data {cfg.data_dir}: {e}") from None
+
+
 def open_log(run: Path, resume_step: int) -> JsonlLogger:
     """metrics.jsonl logger for process 0; on resume, records after the restored step are dropped
     (they belong to steps that will be replayed)."""

@@ -140,7 +140,6 @@ def heldout_ppl(engine: Engine, enc: tdata.Encoded, batch_size: int) -> float:
 
 
 def train(cfg: ConfigDict) -> dict[str, Any]:
-    from leader_jax.data.dataset import PreparedData
     from leader_jax.models.llama import save_hf
 
     if not cfg.data_dir:
@@ -149,14 +148,7 @@ def train(cfg: ConfigDict) -> dict[str, Any]:
         raise UserError("set --out PRE (the stage-1 run folder)")
     if cfg.mode not in ("full", "adapter"):
         raise UserError(f"mode={cfg.mode!r}; expected full | adapter")
-    common.setup_distributed(cfg)
-    run = Path(cfg.out)
-    run.mkdir(parents=True, exist_ok=True)
-    common.write_json(run / "config.json", json.loads(cfg.to_json_best_effort()))
-    try:
-        prepared = PreparedData.load(cfg.data_dir)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise UserError(f"cannot load prepared data {cfg.data_dir}: {e}") from None
+    run, prepared = common.start_run(cfg)
     docs, corpus_info = build_corpus(cfg, prepared)
     held_docs, train_docs = split_heldout(docs, cfg.corpus.heldout_fraction)
 

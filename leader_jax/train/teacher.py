@@ -141,17 +141,8 @@ def check_config(cfg: ConfigDict) -> None:
 
 def train(cfg: ConfigDict) -> dict[str, Any]:
     """Run stage 2 in `cfg.out`; returns the summary dict."""
-    from leader_jax.data.dataset import PreparedData
-
     check_config(cfg)
-    common.setup_distributed(cfg)
-    run = Path(cfg.out)
-    run.mkdir(parents=True, exist_ok=True)
-    common.write_json(run / "config.json", json.loads(cfg.to_json_best_effort()))
-    try:
-        prepared = PreparedData.load(cfg.data_dir)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise UserError(f"cannot load prepared data {cfg.data_dir}: {e}") from None
+    run, prepared = common.start_run(cfg)
     mesh = common.make_mesh(cfg)
     tok = common.load_tokenizer(tokenizer_path(cfg))
     special = tdata.SpecialIds.from_tokenizer(tok)
