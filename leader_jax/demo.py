@@ -202,6 +202,8 @@ def run_demo(cfg: ConfigDict) -> str:
         if stage.done(key):
             print(f"[demo] {stage.name}: reusing {stage.out}", file=sys.stderr)
             continue
+        if (stage.out / MARKER).is_file():        # finished under other settings: start it afresh
+            shutil.rmtree(stage.out)              # (an interrupted stage has no marker and resumes)
         t0 = time.perf_counter()
         print(f"[demo] {stage.name} → {stage.out}", file=sys.stderr)
         stage.fn()
