@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -526,8 +527,13 @@ def train(cfg, data, store, out: str | Path) -> dict:
     mcfg = model_config(cfg, data.vocab, teacher_dim)
     trainer = StudentTrainer(mcfg, loss_config(cfg), lr=cfg.lr, seed=cfg.seed, mesh=mesh)
     n_params = int(sum(np.prod(a.shape) for a in jax.tree.leaves(trainer.params)))
-    logger = JsonlLogger(out / "metrics.jsonl")
     ckpt_dir = out / "checkpoints"
+    for old in (ckpt_dir, out / "metrics.jsonl"):   # a student run starts afresh (no resume): never mix
+        if old.is_dir():                            # an earlier run's epochs or checkpoints into this one
+            shutil.rmtree(old)
+        elif old.exists():
+            old.unlink()
+    logger = JsonlLogger(out / "metrics.jsonl")
     mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=1))
     train_buckets = assign_buckets(encs["train"].needs, caps)
     best = {"val_prauc": -1.0, "epoch": -1}
