@@ -32,6 +32,10 @@ def run(main: Callable[[ConfigDict, list[str]], None], default_config: str,
         flags.DEFINE_string("out", None, "output (run) directory")
 
     def _main(args: list[str]) -> None:
+        from absl import logging
+
+        if not flags.FLAGS["verbosity"].present:     # library INFO logs (orbax, absl) only on request
+            logging.set_verbosity(logging.WARNING)
         cfg = flags.FLAGS.config
         if out_flag and flags.FLAGS.out is not None:
             with cfg.unlocked():
