@@ -169,9 +169,9 @@ def _copy_torch_weights(torch_model, model):
 
 
 def test_peft_export_loads_in_peft(tmp_path):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
+    import torch
+    import transformers
+    import peft
     torch.manual_seed(0)
     hf_cfg = transformers.LlamaConfig(**{k: v for k, v in CFG.to_hf_dict().items()
                                          if k not in ("architectures", "dtype")})
