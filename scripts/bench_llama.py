@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = os.cpu_count(), as XLA)")
     ap.add_argument("--single_thread", action="store_true",
                     help="1 thread for both: torch.set_num_threads(1) and XLA without its Eigen pool")
-    ap.add_argument("--out", default="")
+    ap.add_argument("--out", "--json", dest="out", default="", help="write the results as JSON")
     a = ap.parse_args(argv)
     if a.single_thread:
         if "jax" in sys.modules:

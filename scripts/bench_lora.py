@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     res["lora_step"] = bench_lora_step(a.size, a.batch, a.seq, a.n_med, a.reps)
     print(json.dumps(res["lora_step"]), flush=True)
     res["teacher_vs_student"] = [bench_teacher_vs_student(s, a.teacher_seq, a.student_patients, a.reps)
-                                 for s in ("tiny", a.size)]
+                                 for s in dict.fromkeys(("tiny", a.size))]
     for r in res["teacher_vs_student"]:
         print(json.dumps(r), flush=True)
     if a.json:
