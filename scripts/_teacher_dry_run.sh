@@ -1,6 +1,6 @@
-# Sourced by train_teacher_gpu.sh / train_teacher_tpu.sh when DRY_RUN=1: build the config's mesh and run
+# Sourced by train_teacher_gpu.sh / train_teacher_tpu.sh; with DRY_RUN=1 it builds the config's mesh and run
 # one training step of a tiny random LLaMA (the tokenizer of BASE, float32, XLA attention) on whatever
-# devices JAX sees (CPU devices included), then write predictions as a normal run would. Nothing else runs.
+# devices JAX sees (CPU devices included), writes predictions as a normal run would, and exits the caller.
 # Expects PY, PREPARED, BASE, RUN, CONFIG and the extra arguments ("$@") of the caller.
 teacher_dry_run() {
   echo "[dry run] mesh + one step of a tiny random LLaMA under $CONFIG -> $RUN/dry_run"
@@ -12,3 +12,8 @@ teacher_dry_run() {
       --config.data.max_len=256 --config.data.eval_max_len=1024 --config.eval.batch_size=8 \
       --config.distributed.auto=False --out "$RUN/dry_run" "$@"
 }
+
+if [ "${DRY_RUN:-0}" = "1" ]; then
+  teacher_dry_run "$@"
+  exit 0
+fi

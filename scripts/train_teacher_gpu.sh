@@ -10,11 +10,7 @@ PREPARED=${1:?prepared data folder}; BASE=${2:?HF LLaMA folder}; RUN=${3:?run fo
 CONFIG=${4:-configs/teacher_llama7b.py}; shift $(( $# < 4 ? $# : 4 ))
 PY=${PYTHON:-python}
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
-if [ "${DRY_RUN:-0}" = "1" ]; then     # mesh + one step of a tiny random model (CI, new clusters)
-  source scripts/_teacher_dry_run.sh
-  teacher_dry_run "$@"
-  exit 0
-fi
+source scripts/_teacher_dry_run.sh   # DRY_RUN=1: mesh + one step of a tiny random model, then exit
 DOMAIN_ARGS=()
 if [ "${SKIP_STAGE1:-0}" != "1" ]; then
   $PY -m leader_jax.train.pretrain --config configs/pretrain_llama7b.py \

@@ -16,11 +16,7 @@ PY=${PYTHON:-python}
 AUTO=True
 [ -n "${LEADER_JAX_COORDINATOR:-}" ] && AUTO=False
 COMMON=(--config.distributed.auto=$AUTO --config.model.attention_impl= )
-if [ "${DRY_RUN:-0}" = "1" ]; then     # mesh + one step of a tiny random model (CI, new clusters)
-  source scripts/_teacher_dry_run.sh
-  teacher_dry_run "$@"
-  exit 0
-fi
+source scripts/_teacher_dry_run.sh   # DRY_RUN=1: mesh + one step of a tiny random model, then exit
 DOMAIN_ARGS=()
 if [ "${SKIP_STAGE1:-0}" != "1" ]; then
   $PY -m leader_jax.train.pretrain --config configs/pretrain_llama7b.py "${COMMON[@]}" \
