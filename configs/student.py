@@ -41,6 +41,8 @@ def get_config(preset: str | None = None) -> ConfigDict:
     c.patience = 10
     c.bucket_levels = 4      # fixed shape buckets (visits, codes per set): one compile per bucket
     c.mesh_shape = (1, 1, 1)  # (data, fsdp, tensor); (-1, 1, 1) = data parallel over all devices
+    c.inference_kernel = "auto"  # "auto" | "on" | "off": CPU FFI kernel for packed inference
+    #   (leader_jax/kernels, compiled on first use; auto = when available on a 1-device CPU mesh)
     # evaluation
     c.threshold = 0.5        # p >= θ (leader.md D6)
     if preset:

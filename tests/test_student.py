@@ -14,6 +14,7 @@ from leader_jax.data.records import Visit
 from leader_jax.features import FeatureStore, FeatureStoreWriter, MissingFeaturesError
 from leader_jax.io import load_npz, read_jsonl
 from leader_jax.models.student import LossConfig, build_student, info_nce, init_student, kd_loss, student_loss
+from leader_jax.train import packing
 from leader_jax.train import student as ts
 
 TEACHER_DIM = 16
@@ -274,13 +275,13 @@ def test_overfits_64_samples(data, enc, store, run_a):
 
 def test_pack_batches_cover_rows_and_budgets(enc):
     caps = ts.bucket_caps(enc.needs, 1)
-    lay = ts.pack_layout(enc, caps, 16)
-    small = ts.PackLayout(batch=16, visit_width=lay.visit_width, visit_rows=3, width=lay.width, rows=(12, 10, 10))
-    got = list(ts.pack_batches(enc, small))
+    lay = packing.pack_layout(enc, caps, 16)
+    small = packing.PackLayout(batch=16, visit_width=lay.visit_width, visit_rows=3, width=lay.width, rows=(12, 10, 10))
+    got = list(packing.pack_batches(enc, small))
     assert np.concatenate([r for r, _ in got]).tolist() == list(range(len(enc)))
     for rows, pb in got:
         assert len(rows) <= 16 and pb["diag_tok"].shape == (12, lay.width[0]) and pb["v_seg"].shape == (3, 10)
-        for name in ts.STREAMS:   # every real code of every kept visit is packed exactly once, in order
+        for name in packing.STREAMS:   # every real code of every kept visit is packed exactly once, in order
             want = np.sort(getattr(enc, name)[rows][getattr(enc, name)[rows] > 0])
             np.testing.assert_array_equal(np.sort(pb[f"{name}_tok"][pb[f"{name}_tok"] > 0]), want)
         assert (pb["v_seg"] > 0).sum() == enc.n_visits[rows].sum()

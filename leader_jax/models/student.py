@@ -138,22 +138,45 @@ class TransformerBlock(nnx.Module):
 
     def __call__(self, x, mask, drop: Dropout):
         """x [N, L, d], mask [N, L] bool (keys that exist) or [N, L, L] (per query: packed segments)."""
-        n, length, d = x.shape
+        a = self.attention(self.ln1(x) @ self.qkv_kernel(), mask, drop)
+        x = x + drop(a, self.rate)
+        f = self.w2(drop(self.ffn_hidden(x), self.rate))
+        x = x + drop(f, self.rate)
+        return drop(x, self.rate)
+
+    def qkv_kernel(self):
+        """[d, 3d] = Wq | Wk | Wv: one fused matmul instead of three."""
+        return jnp.concatenate([self.q.kernel[...], self.k.kernel[...], self.v.kernel[...]], axis=1)
+
+    def attention(self, qkv, mask, drop: Dropout):
+        """O(softmax(QK^T/√hd) V) for qkv = LN1(x) @ qkv_kernel() [N, L, 3d]; mask as in __call__."""
+        n, length, d3 = qkv.shape
+        d = d3 // 3
         hd = d // self.heads
-        h = self.ln1(x)
-        # one fused Q|K|V matmul, then heads-first [3, N, H, L, hd]: XLA CPU's batched dots run far
-        # faster with the contracted/free dims last than with "nqhd" operands (measured ≈ 1.6×)
-        w = jnp.concatenate([self.q.kernel[...], self.k.kernel[...], self.v.kernel[...]], axis=1)
-        qkv = (h @ w).reshape(n, length, 3, self.heads, hd).transpose(2, 0, 3, 1, 4)
+        # heads-first [3, N, H, L, hd]: XLA CPU's batched dots run far faster with the contracted/free
+        # dims last than with "nqhd" operands (measured ≈ 1.6×)
+        qkv = qkv.reshape(n, length, 3, self.heads, hd).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         s = jnp.einsum("nhqd,nhkd->nhqk", q, k) / math.sqrt(hd)
         s = jnp.where(mask[:, None, None, :] if mask.ndim == 2 else mask[:, None, :, :], s, _NEG)
         p = drop(jax.nn.softmax(s, axis=-1), self.attn_rate)
-        a = self.o(jnp.einsum("nhqk,nhkd->nhqd", p, v).transpose(0, 2, 1, 3).reshape(n, length, d))
-        x = x + drop(a, self.rate)
-        f = self.w2(drop(jax.nn.gelu(self.w1(self.ln2(x)), approximate=True), self.rate))
-        x = x + drop(f, self.rate)
-        return drop(x, self.rate)
+        return self.o(jnp.einsum("nhqk,nhkd->nhqd", p, v).transpose(0, 2, 1, 3).reshape(n, length, d))
+
+    def ffn_hidden(self, x):
+        """GELU(W1 · LN2(x) + b1) [N, L, ffn] (before dropout and W2)."""
+        return jax.nn.gelu(self.w1(self.ln2(x)), approximate=True)
+
+    def pooled_output(self, means, nonempty):
+        """Inference: the block's output averaged over each set, from the set means of [x1 | g] (x1 =
+        input + attention, g = `ffn_hidden(x1)`). W2 is linear, so mean(x1 + W2·g + b2) = mean(x1) +
+        W2·mean(g) + b2 — W2 runs once per set, not once per token; empty sets give 0 (masked_mean)."""
+        d = self.o.kernel.shape[1]
+        return means[..., :d] + jnp.where(nonempty, self.w2(means[..., d:]), 0.0)
+
+
+def segment_mask(seg):
+    """[N, L] segment numbers (0 = pad) → [N, L, L]: query i may attend key j iff same non-zero segment."""
+    return (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
 
 
 def masked_mean(x, mask, axis: int):
@@ -241,21 +264,47 @@ class Student(nnx.Module):
         h = self.head1(jax.nn.relu(c))
         return h, self.head2(jax.nn.relu(h))
 
-    def predict_packed(self, pb: dict):
-        """Inference logits [B, n_med] from a *packed* batch (`leader_jax.train.student.pack_batch`):
-        the same function as `__call__(batch)["logits"]` without dropout, but only real tokens are
-        computed. Each stream's non-empty code sets are packed next to each other into rows of width
-        W (`{s}_tok` ids, `{s}_seg` 1-based set number within the row, `{s}_set` set index, S = pad),
-        attention is restricted to the own set by a segment mask, and the set vectors (masked means)
-        are scattered back by index; the visit encoder runs the same way on packed visit slots
-        (`v_seg`, `v_pat` patient index, B = pad, `v_age`, `v_first`, `v_{s}` set index of each slot)."""
+    def _streams(self):
+        return (("diag", self.diag_emb, self.diag_enc), ("proc", self.proc_emb, self.proc_enc),
+                ("med", self.med_emb, self.med_enc))
+
+    def inference_tables(self) -> dict:
+        """Per code stream, [vocab + 1, 4d] = embedding | LN1(embedding) @ [Wq|Wk|Wv]: before attention
+        a code-set block's work depends on the token id alone, so the kernel path gathers these rows
+        (computed once per `predict` call, not per batch)."""
+        return {name: jnp.concatenate([emb.table[...], enc.ln1(emb.table[...]) @ enc.qkv_kernel()], axis=-1)
+                for name, emb, enc in self._streams()}
+
+    def _visit_streams(self, pb: dict, vecs: list, prof):
+        """The three visit-slot streams [3Rv, V, d]: set vectors, profile in the drug stream's first
+        slot, optional recency embedding."""
+        d = prof.shape[1]
+        prof_pad = jnp.concatenate([prof, jnp.zeros((1, d), prof.dtype)], axis=0)
+        vecs = list(vecs)
+        vecs[2] = jnp.where(pb["v_first"][..., None], jnp.take(prof_pad, pb["v_pat"], axis=0), vecs[2])
+        streams = jnp.concatenate(vecs, axis=0)
+        if self.recency is not None:
+            streams = streams + jnp.concatenate([self.recency(pb["v_age"])] * 3, axis=0)
+        return streams
+
+    def predict_packed(self, pb: dict, tables: dict | None = None, kernel: bool = False):
+        """Inference logits [B, n_med] from a *packed* batch (`leader_jax.train.packing`): the same
+        function as `__call__(batch)["logits"]` without dropout, computing real tokens only.
+
+        XLA path (default): each stream's non-empty code sets lie back to back in rows of width W
+        (`{s}_tok` ids, `{s}_seg` set number within the row, `{s}_set` visit slot of the token's set);
+        attention is restricted to the own set by a segment mask and the set means are scattered back
+        by `segment_sum`; the visit encoder runs the same way on packed visit slots (`v_seg`, `v_pat`
+        patient index, `v_age`, `v_first`). `kernel=True`: the same batch through the CPU FFI kernel
+        (`leader_jax.kernels.set_block`), which reads each set as `{s}_start`/`{s}_len` into the
+        flattened token rows and each patient as `p_start`/`p_len` into its visit slots, with
+        `tables` from `inference_tables()`; W2 is applied after the set mean (exact, it is linear)."""
+        if kernel:
+            return self._predict_kernel(pb, self.inference_tables() if tables is None else tables)
         drop = Dropout(None)
         prof = self.profile_vector(pb["profile"])                       # [B, d]
         b, d = prof.shape
         n_sets = pb["v_seg"].size                                       # S: set-index space (pad = S)
-
-        def seg_mask(seg):
-            return (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
 
         def seg_mean(x, seg, idx, n):
             real = (seg > 0).reshape(-1, 1).astype(x.dtype)
@@ -265,21 +314,36 @@ class Student(nnx.Module):
             return tot / jnp.maximum(cnt, 1.0)                          # [n + 1, d]; row n = 0
 
         vecs = []
-        for name, emb, enc in (("diag", self.diag_emb, self.diag_enc), ("proc", self.proc_emb, self.proc_enc),
-                               ("med", self.med_emb, self.med_enc)):
+        for name, emb, enc in self._streams():
             seg = pb[f"{name}_seg"]
-            y = enc(emb(pb[f"{name}_tok"]), seg_mask(seg), drop)
+            y = enc(emb(pb[f"{name}_tok"]), segment_mask(seg), drop)
             vecs.append(jnp.take(seg_mean(y, seg, pb[f"{name}_set"], n_sets), pb[f"v_{name}"], axis=0))
-        prof_pad = jnp.concatenate([prof, jnp.zeros((1, d), prof.dtype)], axis=0)
-        vecs[2] = jnp.where(pb["v_first"][..., None], jnp.take(prof_pad, pb["v_pat"], axis=0), vecs[2])
-        streams = jnp.concatenate(vecs, axis=0)                         # [3Rv, Wv, d]
-        if self.recency is not None:
-            streams = streams + jnp.concatenate([self.recency(pb["v_age"])] * 3, axis=0)
+        streams = self._visit_streams(pb, vecs, prof)                    # [3Rv, V, d]
         vseg = jnp.concatenate([pb["v_seg"]] * 3, axis=0)
-        y = self.visit_enc(streams, seg_mask(vseg), drop)
+        y = self.visit_enc(streams, segment_mask(vseg), drop)
         rv = pb["v_seg"].shape[0]
         pooled = [seg_mean(y[i * rv:(i + 1) * rv], pb["v_seg"], pb["v_pat"], b)[:b] for i in range(3)]
         return self.head(jnp.concatenate(pooled, axis=-1))[1]
+
+    def _predict_kernel(self, pb: dict, tables: dict):
+        from leader_jax.kernels.set_block import set_block_means
+        prof = self.profile_vector(pb["profile"])
+        b, d = prof.shape
+        rv, v = pb["v_seg"].shape
+        vecs = []
+        for name, _, enc in self._streams():
+            counts = pb[f"{name}_len"].reshape(-1)
+            means = set_block_means(enc, tables[name], pb[f"{name}_tok"].reshape(-1),
+                                    pb[f"{name}_start"].reshape(-1), counts)
+            vecs.append(enc.pooled_output(means, (counts > 0)[:, None]).reshape(rv, v, d))
+        x = self._visit_streams(pb, vecs, prof).reshape(3 * rv * v, d)
+        enc = self.visit_enc
+        rows = jnp.concatenate([x, enc.ln1(x) @ enc.qkv_kernel()], axis=-1)
+        starts = jnp.concatenate([pb["p_start"] + i * rv * v for i in range(3)])
+        counts = jnp.concatenate([pb["p_len"]] * 3)
+        means = set_block_means(enc, rows, jnp.arange(3 * rv * v, dtype=jnp.int32), starts, counts)
+        pooled = enc.pooled_output(means, (counts > 0)[:, None]).reshape(3, b, d)
+        return self.head(jnp.concatenate(list(pooled), axis=-1))[1]
 
     def align_pair(self, target, profile_vec, key=None):
         """Projected target-drug-set embedding x [B, d] and profile embedding y [B, d] (D8: the target

@@ -30,6 +30,7 @@ from flax import nnx
 from leader_jax import sharding
 from leader_jax.io import JsonlLogger, atomic_write_json, progress
 from leader_jax.models.student import LossConfig, StudentConfig, init_student, student_loss
+from leader_jax.train.packing import pack_batches, pack_layout
 
 SPLITS = ("train", "val", "test")
 _NEED_NAMES = ("visits", "diag", "proc", "med")
@@ -207,138 +208,7 @@ def make_batch(enc: EncodedSplit, rows: np.ndarray, cap: Sequence[int], batch_si
     return batch
 
 
-# ------------------------------------------------------------------------------ packed inference
-STREAMS = ("diag", "proc", "med")
-
-
-@dataclasses.dataclass(frozen=True)
-class PackLayout:
-    """Fixed shapes of a packed inference batch (one compile for every batch): up to `batch` patients;
-    per stream `rows[s]` rows of `width[s]` code slots holding the non-empty code sets back to back;
-    `visit_rows` rows of `visit_width` (= max visits) slots holding the patients' visit sequences."""
-
-    batch: int
-    visit_width: int
-    visit_rows: int
-    width: tuple[int, int, int]
-    rows: tuple[int, int, int]
-
-
-def _round_up(x: float, m: int) -> int:
-    return int(m * math.ceil(x / m))
-
-
-def pack_layout(enc: EncodedSplit, caps, batch_size: int, margin: float = 1.2, multiple: int = 8) -> PackLayout:
-    """Layout sized from `enc`'s mean real tokens/visits per patient (× margin), widths from the
-    global caps (caps[-1]); a batch whose patients need more simply holds fewer patients."""
-    top = [int(c) for c in caps[-1]]
-    v = int(enc.diag.shape[1])
-    n = max(len(enc), 1)
-    widths = tuple(_round_up(max(c, 1), 8) for c in top[1:])
-    rows = []
-    for name, w in zip(STREAMS, widths):
-        per_patient = float((getattr(enc, name) > 0).sum()) / n
-        rows.append(max(_round_up(batch_size * per_patient * margin / w + 1, multiple), _round_up(v, multiple)))
-    vrows = max(_round_up(batch_size * float(enc.n_visits.sum()) / n * margin / v + 1, multiple), multiple)
-    return PackLayout(batch=int(batch_size), visit_width=v, visit_rows=vrows, width=widths, rows=tuple(rows))
-
-
 _LAYOUTS: dict = {}   # (caps, batch_size, visits, dp) → PackLayout, shared by all trainers
-
-
-def pack_batches(enc: EncodedSplit, layout: PackLayout):
-    """Yield (row indices, packed batch) covering every sample of `enc` in order (see
-    `Student.predict_packed`): patients are added until the batch or any packed row budget is full."""
-    lay = layout
-    v = lay.visit_width
-    if enc.diag.shape[1] != v:
-        raise ValueError(f"encoded visits {enc.diag.shape[1]} != layout visit width {v}")
-    lens = np.stack([(getattr(enc, s) > 0).sum(-1) for s in STREAMS], axis=1)   # [n, 3, V]
-    for k, s in enumerate(STREAMS):
-        if lens[:, k].max(initial=0) > lay.width[k]:
-            raise ValueError(f"a {s} code set has {int(lens[:, k].max())} codes > packed width {lay.width[k]} "
-                             f"(buckets were built from other data)")
-    nv_all = enc.n_visits.astype(np.int64)
-
-    def new_state():
-        return {"pats": [], "vrow": 0, "vcol": 0, "row": [0, 0, 0], "col": [0, 0, 0], "segno": [0, 0, 0],
-                "sets": [[], [], []], "visits": []}
-
-    def place(st, i):
-        """Place patient i into state st in place; False (st untouched) if it does not fit."""
-        nv = int(nv_all[i])
-        if len(st["pats"]) >= lay.batch:
-            return False
-        vrow, vcol = st["vrow"], st["vcol"]
-        if vcol + nv > v:
-            vrow, vcol = vrow + 1, 0
-        if vrow >= lay.visit_rows:
-            return False
-        row, col, segno = list(st["row"]), list(st["col"]), list(st["segno"])
-        sets = ([], [], [])
-        for k in range(3):
-            for j in range(nv):
-                ln = int(lens[i, k, j])
-                if not ln:
-                    continue
-                if col[k] + ln > lay.width[k]:
-                    row[k], col[k], segno[k] = row[k] + 1, 0, 0
-                if row[k] >= lay.rows[k]:
-                    return False
-                segno[k] += 1
-                sets[k].append((row[k], col[k], ln, segno[k], i, j, vrow * v + vcol + j))
-                col[k] += ln
-        p = len(st["pats"])
-        st["pats"].append(i)
-        st["visits"].append((vrow, vcol, nv, p, len(st["visits"]) + 1))
-        st["vrow"], st["vcol"] = vrow, vcol + nv
-        st["row"], st["col"], st["segno"] = row, col, segno
-        for k in range(3):
-            st["sets"][k] += sets[k]
-        return True
-
-    def build(st):
-        b, n_sets = lay.batch, lay.visit_rows * v
-        rows = np.asarray(st["pats"], dtype=np.int64)
-        pb = {"profile": np.zeros((b,) + enc.profile.shape[1:], enc.profile.dtype)}
-        pb["profile"][: len(rows)] = enc.profile[rows]
-        vr, vc, vn, vp, vs = (np.asarray(a, dtype=np.int64) for a in zip(*st["visits"]))
-        tr, tc = np.repeat(vr, vn), np.repeat(vc, vn) + np.arange(vn.sum()) - np.repeat(np.cumsum(vn) - vn, vn)
-        slot = tc - np.repeat(vc, vn)
-        shape = (lay.visit_rows, v)
-        pb["v_seg"] = np.zeros(shape, np.int32)
-        pb["v_seg"][tr, tc] = np.repeat(vs, vn)
-        pb["v_pat"] = np.full(shape, b, np.int32)
-        pb["v_pat"][tr, tc] = np.repeat(vp, vn)
-        pb["v_age"] = np.zeros(shape, np.int32)
-        pb["v_age"][tr, tc] = np.clip(np.repeat(vn, vn) - 1 - slot, 0, v - 1)
-        pb["v_first"] = np.zeros(shape, bool)
-        pb["v_first"][tr, tc] = slot == 0
-        for k, name in enumerate(STREAMS):
-            w, r = lay.width[k], lay.rows[k]
-            tok, seg, sid = np.zeros((r, w), np.int32), np.zeros((r, w), np.int32), np.full((r, w), n_sets, np.int32)
-            vset = np.full(n_sets, n_sets, np.int32)
-            if st["sets"][k]:
-                sr, sc, sl, sn, si, sj, sx = (np.asarray(a, dtype=np.int64) for a in zip(*st["sets"][k]))
-                off = np.arange(sl.sum()) - np.repeat(np.cumsum(sl) - sl, sl)
-                rr, cc = np.repeat(sr, sl), np.repeat(sc, sl) + off
-                tok[rr, cc] = getattr(enc, name)[np.repeat(si, sl), np.repeat(sj, sl), off]
-                seg[rr, cc] = np.repeat(sn, sl)
-                sid[rr, cc] = np.repeat(sx, sl)
-                vset[sx] = sx
-            pb[f"{name}_tok"], pb[f"{name}_seg"], pb[f"{name}_set"] = tok, seg, sid
-            pb[f"v_{name}"] = vset.reshape(shape)
-        return rows, pb
-
-    st = new_state()
-    for i in range(len(enc)):
-        if not place(st, i):
-            yield build(st)
-            st = new_state()
-            if not place(st, i):
-                raise ValueError(f"sample row {i} does not fit an empty packed batch {lay}")
-    if st["pats"]:
-        yield build(st)
 
 
 # ------------------------------------------------------------------------------------------ trainer
@@ -364,6 +234,28 @@ def make_mesh(shape: Sequence[int]):
     return sharding.make_mesh(shape, devices=jax.devices()[:n])
 
 
+KERNEL_MODES = ("auto", "on", "off")
+
+
+def resolve_kernel(mode: str, mcfg: StudentConfig, mesh) -> tuple[bool, str]:
+    """(use the CPU inference kernel?, why not). mode "on" raises ValueError when it cannot be used."""
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"inference_kernel must be one of {KERNEL_MODES}, got {mode!r}")
+    if mode == "off":
+        return False, "inference_kernel=off"
+    why = ""
+    if mesh.devices.size > 1:
+        why = f"the mesh has {mesh.devices.size} devices (the kernel runs on one CPU device)"
+    elif mcfg.d % 16:
+        why = f"d={mcfg.d} is not a multiple of 16"
+    else:
+        from leader_jax.kernels import set_block
+        ok, why = set_block.available()
+    if why and mode == "on":
+        raise ValueError(f"inference_kernel=on, but the CPU kernel cannot be used: {why}")
+    return not why, why
+
+
 @functools.lru_cache(maxsize=8)
 def _compiled_steps(graphdef, lc: LossConfig, lr: float, mesh, p_sh_flat, p_tree, o_sh_flat, o_tree):
     """The jitted train/predict steps for one (model graph, loss, lr, mesh): cached, so a second trainer
@@ -377,8 +269,14 @@ def _compiled_steps(graphdef, lc: LossConfig, lr: float, mesh, p_sh_flat, p_tree
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, parts
 
+    def tables_step(params):
+        return nnx.merge(graphdef, params).inference_tables()
+
     def predict_step(params, packed):
         return jax.nn.sigmoid(nnx.merge(graphdef, params).predict_packed(packed))
+
+    def predict_kernel_step(params, tables, packed):
+        return jax.nn.sigmoid(nnx.merge(graphdef, params).predict_packed(packed, tables, kernel=True))
 
     def predict_padded_step(params, batch):
         return jax.nn.sigmoid(nnx.merge(graphdef, params)(batch)["logits"])
@@ -392,13 +290,16 @@ def _compiled_steps(graphdef, lc: LossConfig, lr: float, mesh, p_sh_flat, p_tree
             jax.jit(train_step, donate_argnums=(0, 1), in_shardings=(p_sh, o_sh, data_sh, rep),
                     out_shardings=(p_sh, o_sh, rep)),
             jax.jit(predict_step, in_shardings=(p_sh, data_sh), out_shardings=data_sh),
+            jax.jit(tables_step, in_shardings=(p_sh,), out_shardings=rep),
+            jax.jit(predict_kernel_step, in_shardings=(p_sh, rep, data_sh), out_shardings=data_sh),
             jax.jit(predict_padded_step, in_shardings=(p_sh, data_sh), out_shardings=data_sh))
 
 
 class StudentTrainer:
     """Owns the model state, the optimizer and the two compiled steps (plain functional jit)."""
 
-    def __init__(self, mcfg: StudentConfig, lc: LossConfig, *, lr: float, seed: int, mesh=None):
+    def __init__(self, mcfg: StudentConfig, lc: LossConfig, *, lr: float, seed: int, mesh=None,
+                 inference_kernel: str = "auto"):
         mesh = make_mesh((1, 1, 1)) if mesh is None else mesh
         self.mcfg, self.lc, self.mesh = mcfg, lc, mesh
         with sharding.use_mesh(mesh):
@@ -406,8 +307,10 @@ class StudentTrainer:
             self.opt_state = jax.jit(optax.adam(lr).init)(self.params)
         p_flat, p_tree = jax.tree.flatten(jax.tree.map(lambda a: a.sharding, self.params))
         o_flat, o_tree = jax.tree.flatten(jax.tree.map(lambda a: a.sharding, self.opt_state))
-        self.tx, self.train_step, self.predict_step, self.predict_padded_step = _compiled_steps(
-            self.graphdef, lc, float(lr), mesh, tuple(p_flat), p_tree, tuple(o_flat), o_tree)
+        (self.tx, self.train_step, self.predict_xla_step, self.tables_step, self.predict_kernel_step,
+         self.predict_padded_step) = _compiled_steps(self.graphdef, lc, float(lr), mesh, tuple(p_flat), p_tree,
+                                                     tuple(o_flat), o_tree)
+        self.kernel, self.kernel_note = resolve_kernel(inference_kernel, mcfg, mesh)
         self.base_key = jax.random.key(seed, impl="rbg")
         self.step = 0
 
@@ -421,12 +324,15 @@ class StudentTrainer:
         return parts
 
     def predict(self, enc: EncodedSplit, caps, batch_size: int, desc: str | None = None,
-                packed: bool = True) -> np.ndarray:
+                packed: bool = True, kernel: bool | None = None) -> np.ndarray:
         """float32 [n, n_med] probabilities in the row order of `enc`. packed=True (default): real
         tokens only (`pack_batches`), one compile for all batches; the packed layout is sized on the
         first split predicted in this process with these (caps, batch_size) and then reused by every
         trainer (so the compiled step is shared; a different split only changes how many patients fit
-        a batch, never a result). packed=False: the bucketed, padded reference path."""
+        a batch, never a result); `kernel` (default: this trainer's `inference_kernel` resolution)
+        runs the packed batches through the CPU FFI kernel instead of XLA ops. packed=False: the
+        bucketed, padded reference path."""
+        kernel = self.kernel if kernel is None else kernel
         if packed:
             dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
             key = (tuple(tuple(int(x) for x in c) for c in caps), int(batch_size), int(enc.diag.shape[1]), dp)
@@ -434,9 +340,14 @@ class StudentTrainer:
                 _LAYOUTS[key] = pack_layout(enc, caps, batch_size, multiple=8 * dp)
             out = np.zeros((len(enc), self.mcfg.n_med), dtype=np.float32)
             pending = []
+            if kernel:
+                tables = self.tables_step(self.params)      # per-token work that depends on the id alone
+                step = functools.partial(self.predict_kernel_step, self.params, tables)
+            else:
+                step = functools.partial(self.predict_xla_step, self.params)
             for rows, pb in progress(pack_batches(enc, _LAYOUTS[key]), desc=desc or "predict",
                                      unit="batch", disable=desc is None or None):
-                pending.append((rows, self.predict_step(self.params, self._put(pb))))
+                pending.append((rows, step(self._put(pb))))
             for rows, p in pending:
                 out[rows] = np.asarray(p)[: len(rows)]
             return out
@@ -453,7 +364,8 @@ class StudentTrainer:
     def compile_counts(self) -> dict[str, int]:
         """Executables compiled so far per step (jit's private `_cache_size`; -1 if a jax lacks it)."""
         size = lambda f: int(f._cache_size()) if hasattr(f, "_cache_size") else -1  # noqa: E731
-        return {"train_step": size(self.train_step), "predict_step": size(self.predict_step)}
+        return {"train_step": size(self.train_step),
+                "predict_step": size(self.predict_kernel_step if self.kernel else self.predict_xla_step)}
 
     def host_params(self):
         return jax.device_get(self.params)
@@ -525,7 +437,8 @@ def train(cfg, data, store, out: str | Path) -> dict:
         if getattr(cfg, name) % dp:
             raise ValueError(f"config.{name}={getattr(cfg, name)} must be divisible by data*fsdp={dp}")
     mcfg = model_config(cfg, data.vocab, teacher_dim)
-    trainer = StudentTrainer(mcfg, loss_config(cfg), lr=cfg.lr, seed=cfg.seed, mesh=mesh)
+    trainer = StudentTrainer(mcfg, loss_config(cfg), lr=cfg.lr, seed=cfg.seed, mesh=mesh,
+                             inference_kernel=cfg.get("inference_kernel", "auto"))
     n_params = int(sum(np.prod(a.shape) for a in jax.tree.leaves(trainer.params)))
     ckpt_dir = out / "checkpoints"
     for old in (ckpt_dir, out / "metrics.jsonl"):   # a student run starts afresh (no resume): never mix
@@ -577,7 +490,9 @@ def train(cfg, data, store, out: str | Path) -> dict:
                                "epochs_run": epoch + 1, "n_params": n_params,
                                "n_params_inference": n_params - (
                                    (mcfg.head_hidden + 1) * teacher_dim if teacher_dim else 0),
-                               "buckets": [list(c) for c in caps], "threshold": float(cfg.threshold)}
+                               "buckets": [list(c) for c in caps], "threshold": float(cfg.threshold),
+                               "inference": "kernel" if trainer.kernel else "xla",
+                               **({} if trainer.kernel else {"inference_note": trainer.kernel_note})}
     for split in ("val", "test"):
         enc = encs[split]
         if not len(enc):

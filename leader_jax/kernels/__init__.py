@@ -1,0 +1,1 @@
+"""Optional compiled kernels (CPU fast paths with a pure-JAX reference)."""
