@@ -295,10 +295,10 @@ class Student(nnx.Module):
         (`{s}_tok` ids, `{s}_seg` set number within the row, `{s}_set` visit slot of the token's set);
         attention is restricted to the own set by a segment mask and the set means are scattered back
         by `segment_sum`; the visit encoder runs the same way on packed visit slots (`v_seg`, `v_pat`
-        patient index, `v_age`, `v_first`). `kernel=True`: the same batch through the CPU FFI kernel
-        (`leader_jax.kernels.set_block`), which reads each set as `{s}_start`/`{s}_len` into the
-        flattened token rows and each patient as `p_start`/`p_len` into its visit slots, with
-        `tables` from `inference_tables()`; W2 is applied after the set mean (exact, it is linear)."""
+        patient index, `v_age`, `v_first`). `kernel=True`: a *flat* batch (`pack_flat`: every set a
+        run `{s}_start`/`{s}_len` of `{s}_tok`, every patient a run `p_start`/`p_len` of visit slots)
+        through the CPU FFI kernel (`leader_jax.kernels.set_block`), with `tables` from
+        `inference_tables()`; W2 is applied after the set mean (exact, it is linear)."""
         if kernel:
             return self._predict_kernel(pb, self.inference_tables() if tables is None else tables)
         drop = Dropout(None)
@@ -329,19 +329,18 @@ class Student(nnx.Module):
         from leader_jax.kernels.set_block import set_block_means
         prof = self.profile_vector(pb["profile"])
         b, d = prof.shape
-        rv, v = pb["v_seg"].shape
+        n = pb["v_pat"].shape[0]                                        # visit slots
         vecs = []
         for name, _, enc in self._streams():
-            counts = pb[f"{name}_len"].reshape(-1)
-            means = set_block_means(enc, tables[name], pb[f"{name}_tok"].reshape(-1),
-                                    pb[f"{name}_start"].reshape(-1), counts)
-            vecs.append(enc.pooled_output(means, (counts > 0)[:, None]).reshape(rv, v, d))
-        x = self._visit_streams(pb, vecs, prof).reshape(3 * rv * v, d)
+            counts = pb[f"{name}_len"]
+            means = set_block_means(enc, tables[name], pb[f"{name}_tok"], pb[f"{name}_start"], counts)
+            vecs.append(enc.pooled_output(means, (counts > 0)[:, None]))   # [n, d]
+        x = self._visit_streams(pb, vecs, prof)                          # [3n, d]
         enc = self.visit_enc
         rows = jnp.concatenate([x, enc.ln1(x) @ enc.qkv_kernel()], axis=-1)
-        starts = jnp.concatenate([pb["p_start"] + i * rv * v for i in range(3)])
+        starts = jnp.concatenate([pb["p_start"] + i * n for i in range(3)])
         counts = jnp.concatenate([pb["p_len"]] * 3)
-        means = set_block_means(enc, rows, jnp.arange(3 * rv * v, dtype=jnp.int32), starts, counts)
+        means = set_block_means(enc, rows, jnp.arange(3 * n, dtype=jnp.int32), starts, counts)
         pooled = enc.pooled_output(means, (counts > 0)[:, None]).reshape(3, b, d)
         return self.head(jnp.concatenate(list(pooled), axis=-1))[1]
 

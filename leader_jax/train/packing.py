@@ -11,11 +11,13 @@ n = Rv·V visit slots, slot = row·V + column):
   profile [B, F]
   {s}_tok [R, W] code ids (0 = pad), {s}_seg [R, W] set number within the row (0 = pad),
   {s}_set [R, W] visit slot of the token's set (n = pad), v_{s} [Rv, V] the slot itself if its set
-  is non-empty else n, {s}_start / {s}_len [Rv, V] where the slot's set lies in the flattened
-  [R·W] tokens (len 0 = empty), for s ∈ diag/proc/med;
+  is non-empty else n, for s ∈ diag/proc/med;
   v_seg [Rv, V] patient number 1..B (0 = pad), v_pat [Rv, V] batch index of the slot's patient
   (B = pad), v_age [Rv, V] visits before the target, v_first [Rv, V] bool (first kept visit: the drug
-  stream's profile slot), p_start / p_len [B] each patient's visit slots (len 0 = pad row).
+  stream's profile slot).
+
+The CPU kernel needs no rows at all: `pack_flat` lays every set out as a contiguous run of tokens
+(`FlatLayout`, fully vectorised with numpy).
 """
 from __future__ import annotations
 
@@ -133,13 +135,10 @@ def pack_batches(enc, layout: PackLayout):
         pb["v_age"][tr, tc] = np.clip(np.repeat(vn, vn) - 1 - slot, 0, v - 1)
         pb["v_first"] = np.zeros(shape, bool)
         pb["v_first"][tr, tc] = slot == 0
-        pb["p_start"], pb["p_len"] = np.zeros(b, np.int32), np.zeros(b, np.int32)
-        pb["p_start"][vp], pb["p_len"][vp] = vr * v + vc, vn
         for k, name in enumerate(STREAMS):
             w, r = lay.width[k], lay.rows[k]
             tok, seg, sid = np.zeros((r, w), np.int32), np.zeros((r, w), np.int32), np.full((r, w), n_slots, np.int32)
             vset = np.full(n_slots, n_slots, np.int32)
-            start, length = np.zeros(n_slots, np.int32), np.zeros(n_slots, np.int32)
             if st.sets[k]:
                 sr, sc, sl, sn, si, sj, sx = (np.asarray(a, dtype=np.int64) for a in zip(*st.sets[k]))
                 off = np.arange(sl.sum()) - np.repeat(np.cumsum(sl) - sl, sl)
@@ -148,10 +147,8 @@ def pack_batches(enc, layout: PackLayout):
                 seg[rr, cc] = np.repeat(sn, sl)
                 sid[rr, cc] = np.repeat(sx, sl)
                 vset[sx] = sx
-                start[sx], length[sx] = sr * w + sc, sl
             pb[f"{name}_tok"], pb[f"{name}_seg"], pb[f"{name}_set"] = tok, seg, sid
             pb[f"v_{name}"] = vset.reshape(shape)
-            pb[f"{name}_start"], pb[f"{name}_len"] = start.reshape(shape), length.reshape(shape)
         return rows, pb
 
     st = _Batch()
@@ -163,3 +160,85 @@ def pack_batches(enc, layout: PackLayout):
                 raise ValueError(f"sample row {i} does not fit an empty packed batch {lay}")
     if st.pats:
         yield build(st)
+
+
+# --------------------------------------------------------------------------- flat (CSR) batches
+@dataclasses.dataclass(frozen=True)
+class FlatLayout:
+    """Fixed shapes of a flat batch for the CPU kernel (`Student.predict_packed(kernel=True)`): up to
+    `batch` patients, `slots` visit slots and `tokens[s]` code tokens per stream; sets are contiguous
+    runs of tokens (no rows, no width), so nothing but the budgets' tail is padding."""
+
+    batch: int
+    visit_width: int
+    slots: int
+    tokens: tuple[int, int, int]
+
+
+def flat_layout(enc, batch_size: int, margin: float = 1.1, multiple: int = 64) -> FlatLayout:
+    """Budgets = mean real tokens/visits per patient × batch × margin, at least one largest patient."""
+    n = max(len(enc), 1)
+    nv = enc.n_visits.astype(np.int64)
+    toks = [(getattr(enc, s) > 0).sum(axis=(1, 2)) for s in STREAMS]
+    tokens = tuple(max(_round_up(batch_size * float(t.sum()) / n * margin, multiple), _round_up(t.max(initial=1), multiple))
+                   for t in toks)
+    slots = max(_round_up(batch_size * float(nv.sum()) / n * margin, multiple), _round_up(nv.max(initial=1), multiple))
+    return FlatLayout(batch=int(batch_size), visit_width=int(enc.diag.shape[1]), slots=slots, tokens=tokens)
+
+
+def pack_flat(enc, layout: FlatLayout):
+    """Yield (row indices, flat batch) covering every sample of `enc` in order. A flat batch holds
+    profile [B, F]; per stream s `{s}_tok` [T_s] (the codes of each kept visit back to back, row-major
+    over (patient, visit)), `{s}_start` / `{s}_len` [slots] (the run of each visit slot's set); per
+    visit slot `v_pat` (batch index, B = pad), `v_age`, `v_first`; per patient `p_start` / `p_len`.
+    Fully vectorised: a batch is the longest run of patients that fits every budget."""
+    lay = layout
+    if enc.diag.shape[1] != lay.visit_width:
+        raise ValueError(f"encoded visits {enc.diag.shape[1]} != layout visit width {lay.visit_width}")
+    nv_all = enc.n_visits.astype(np.int64)
+    need = np.stack([nv_all] + [(getattr(enc, s) > 0).sum(axis=(1, 2)) for s in STREAMS], axis=1)
+    budget = np.asarray([lay.slots, *lay.tokens])
+    if len(enc) and (need > budget).any():
+        i = int(np.nonzero((need > budget).any(axis=1))[0][0])
+        raise ValueError(f"sample row {i} needs {need[i].tolist()} (visits, diag/proc/med codes) > flat batch "
+                         f"budgets {budget.tolist()}")
+    cum = np.vstack([np.zeros((1, 4), np.int64), np.cumsum(need, axis=0)])
+    i, n, b = 0, len(enc), lay.batch
+    while i < n:
+        j = min(i + b, n)
+        # longest run i..k that fits every budget: searchsorted per budget column
+        k = min(int(np.searchsorted(cum[i + 1: j + 1, c] - cum[i, c], budget[c], side="right")) for c in range(4))
+        rows = np.arange(i, i + k)
+        yield rows, _flat_batch(enc, rows, lay)
+        i += k
+
+
+def _flat_batch(enc, rows: np.ndarray, lay: FlatLayout) -> dict:
+    b, slots, v = lay.batch, lay.slots, lay.visit_width
+    nv = enc.n_visits[rows].astype(np.int64)
+    used = int(nv.sum())
+    pb = {"profile": np.zeros((b,) + enc.profile.shape[1:], enc.profile.dtype)}
+    pb["profile"][: len(rows)] = enc.profile[rows]
+    off = np.cumsum(nv) - nv
+    p = np.repeat(np.arange(len(rows)), nv)                      # patient of each used slot
+    j = np.arange(used) - np.repeat(off, nv)                     # visit number within the patient
+    pb["p_start"], pb["p_len"] = np.zeros(b, np.int32), np.zeros(b, np.int32)
+    pb["p_start"][: len(rows)], pb["p_len"][: len(rows)] = off, nv
+    pb["v_pat"] = np.full(slots, b, np.int32)
+    pb["v_pat"][:used] = p
+    pb["v_age"] = np.zeros(slots, np.int32)
+    pb["v_age"][:used] = np.clip(np.repeat(nv, nv) - 1 - j, 0, v - 1)
+    pb["v_first"] = np.zeros(slots, bool)
+    pb["v_first"][:used] = j == 0
+    kept = np.arange(v)[None, :] < nv[:, None]                   # [b, V] kept visit slots, row-major
+    for k, name in enumerate(STREAMS):
+        ids = getattr(enc, name)[rows]                           # [b, V, C]
+        real = ids > 0
+        lens = real.sum(-1)[kept]                                # per used slot, in slot order
+        tok = np.zeros(lay.tokens[k], np.int32)
+        flat = ids[real & kept[..., None]]
+        tok[: flat.size] = flat
+        start, length = np.zeros(slots, np.int32), np.zeros(slots, np.int32)
+        start[:used], length[:used] = np.cumsum(lens) - lens, lens
+        pb[f"{name}_tok"], pb[f"{name}_start"], pb[f"{name}_len"] = tok, start, length
+    return pb

@@ -30,7 +30,7 @@ from flax import nnx
 from leader_jax import sharding
 from leader_jax.io import JsonlLogger, atomic_write_json, progress
 from leader_jax.models.student import LossConfig, StudentConfig, init_student, student_loss
-from leader_jax.train.packing import pack_batches, pack_layout
+from leader_jax.train.packing import flat_layout, pack_batches, pack_flat, pack_layout
 
 SPLITS = ("train", "val", "test")
 _NEED_NAMES = ("visits", "diag", "proc", "med")
@@ -208,7 +208,7 @@ def make_batch(enc: EncodedSplit, rows: np.ndarray, cap: Sequence[int], batch_si
     return batch
 
 
-_LAYOUTS: dict = {}   # (caps, batch_size, visits, dp) → PackLayout, shared by all trainers
+_LAYOUTS: dict = {}   # (caps, batch_size, visits, dp, kernel) → PackLayout / FlatLayout, shared by all trainers
 
 
 # ------------------------------------------------------------------------------------------ trainer
@@ -335,18 +335,21 @@ class StudentTrainer:
         kernel = self.kernel if kernel is None else kernel
         if packed:
             dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-            key = (tuple(tuple(int(x) for x in c) for c in caps), int(batch_size), int(enc.diag.shape[1]), dp)
+            key = (tuple(tuple(int(x) for x in c) for c in caps), int(batch_size), int(enc.diag.shape[1]), dp,
+                   bool(kernel))
             if key not in _LAYOUTS:
-                _LAYOUTS[key] = pack_layout(enc, caps, batch_size, multiple=8 * dp)
+                _LAYOUTS[key] = (flat_layout(enc, batch_size) if kernel
+                                 else pack_layout(enc, caps, batch_size, multiple=8 * dp))
             out = np.zeros((len(enc), self.mcfg.n_med), dtype=np.float32)
             pending = []
             if kernel:
                 tables = self.tables_step(self.params)      # per-token work that depends on the id alone
                 step = functools.partial(self.predict_kernel_step, self.params, tables)
+                batches = pack_flat(enc, _LAYOUTS[key])
             else:
                 step = functools.partial(self.predict_xla_step, self.params)
-            for rows, pb in progress(pack_batches(enc, _LAYOUTS[key]), desc=desc or "predict",
-                                     unit="batch", disable=desc is None or None):
+                batches = pack_batches(enc, _LAYOUTS[key])
+            for rows, pb in progress(batches, desc=desc or "predict", unit="batch", disable=desc is None or None):
                 pending.append((rows, step(self._put(pb))))
             for rows, p in pending:
                 out[rows] = np.asarray(p)[: len(rows)]
