@@ -1,0 +1,133 @@
+"""The CPU inference kernel (leader_jax/kernels/set_block.cc) against the pure-JAX student block, the
+flat (CSR) packer, and the trainer's kernel/XLA switch."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from leader_jax import sharding
+from leader_jax.data.dataset import PreparedData
+from leader_jax.kernels import set_block
+from leader_jax.models import student as ms
+from leader_jax.train import packing
+from leader_jax.train import student as ts
+
+
+@pytest.fixture(scope="module")
+def data(prepared_synthetic):
+    return PreparedData.load(prepared_synthetic)
+
+
+@pytest.fixture(scope="module")
+def enc(data):
+    return ts.encode_samples(data.splits["train"], data.vocab, 10)
+
+
+def _model(**kw):
+    cfg = ms.StudentConfig(n_diag=60, n_proc=12, n_med=9, **kw)
+    with sharding.use_mesh(sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])):
+        return ms.build_student(cfg, 3)
+
+
+def _reference(block, emb, sets):
+    """Per set: masked mean of the padded block output (the training forward pass)."""
+    w = max(len(s) for s in sets)
+    ids = np.zeros((len(sets), w), np.int32)
+    for i, s in enumerate(sets):
+        ids[i, :len(s)] = s
+    mask = jnp.asarray(ids > 0)
+    return np.array(ms.masked_mean(block(emb(jnp.asarray(ids)), mask, ms.Dropout(None)), mask, 1))
+
+
+@pytest.mark.parametrize("heads,ffn", [(4, 300), (8, 40), (2, 16)])   # head size 16, 8 (scalar path), 32
+def test_kernel_matches_block_set_means(heads, ffn):
+    ok, why = set_block.available()
+    assert ok, why
+    model = _model(heads=heads, ffn=ffn)
+    rng = np.random.default_rng(heads)
+    lens = [3, 0, 1, 16, 17, 7, 40, 2, 33]            # empty, single, exactly one and several key vectors
+    sets = [list(rng.choice(np.arange(1, 61), n, replace=False)) for n in lens]
+    # the kernel reads sets as runs of an index array: put them in shuffled order with a gap between
+    order = rng.permutation(len(sets))
+    idx, starts = [7, 7], np.zeros(len(sets), np.int32)
+    for s in order:
+        starts[s] = len(idx)
+        idx += sets[s] + [5]
+    table = model.inference_tables()["diag"]
+    counts = np.asarray(lens, np.int32)
+    f = jax.jit(lambda t, i, a, c: set_block.set_block_means(model.diag_enc, t, i, a, c))
+    means = f(table, jnp.asarray(idx, jnp.int32), jnp.asarray(starts), jnp.asarray(counts))
+    assert means.shape == (len(sets), 64 + ffn)
+    got = np.asarray(model.diag_enc.pooled_output(means, jnp.asarray(counts > 0)[:, None]))
+    want = _reference(model.diag_enc, model.diag_emb, [s if s else [0] for s in sets])
+    want[counts == 0] = 0.0
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+    assert np.all(np.asarray(means)[counts == 0] == 0.0)
+    # the x1 half of the means is the mean of input + attention (checked against the block's pieces)
+    s = 3
+    x = model.diag_emb(jnp.asarray([sets[s]]))
+    qkv = model.diag_enc.ln1(x) @ model.diag_enc.qkv_kernel()
+    x1 = x + model.diag_enc.attention(qkv, jnp.ones((1, lens[s]), bool), ms.Dropout(None))
+    np.testing.assert_allclose(np.asarray(means)[s, :64], np.asarray(x1[0].mean(0)), atol=2e-5)
+    g = model.diag_enc.ffn_hidden(x1)
+    np.testing.assert_allclose(np.asarray(means)[s, 64:], np.asarray(g[0].mean(0)), atol=2e-5)
+
+
+def test_kernel_rejects_sets_outside_idx():
+    model = _model()
+    table = model.inference_tables()["diag"]
+    f = jax.jit(lambda a, c: set_block.set_block_means(model.diag_enc, table, jnp.asarray([1, 2, 3], jnp.int32), a, c))
+    with pytest.raises(Exception, match="a set lies outside idx"):
+        jax.block_until_ready(f(jnp.asarray([2], jnp.int32), jnp.asarray([5], jnp.int32)))
+
+
+def test_build_names_a_missing_compiler():
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler 'no-such-cxx'"):
+        set_block.build(cxx="no-such-cxx")
+
+
+def test_pack_flat_covers_every_token_once_within_budgets(enc):
+    lay = packing.flat_layout(enc, 16)
+    small = packing.FlatLayout(batch=16, visit_width=lay.visit_width, slots=24, tokens=(200, 80, 120))
+    got = list(packing.pack_flat(enc, small))
+    assert np.concatenate([r for r, _ in got]).tolist() == list(range(len(enc)))
+    for rows, pb in got:
+        nv = enc.n_visits[rows]
+        assert len(rows) <= 16 and nv.sum() <= 24 and pb["v_pat"].shape == (24,)
+        assert pb["p_len"][:len(rows)].tolist() == nv.tolist() and not pb["p_len"][len(rows):].any()
+        for k, name in enumerate(packing.STREAMS):
+            ids = getattr(enc, name)[rows]
+            assert (ids > 0).sum() <= small.tokens[k]
+            # slot-by-slot: the run start/len of visit j of patient p holds exactly that visit's codes
+            for p, r in enumerate(rows):
+                for j in range(nv[p]):
+                    slot = pb["p_start"][p] + j
+                    run = pb[f"{name}_tok"][pb[f"{name}_start"][slot]:][:pb[f"{name}_len"][slot]]
+                    assert run.tolist() == [c for c in ids[p, j] if c > 0]
+                    assert pb["v_pat"][slot] == p and pb["v_first"][slot] == (j == 0)
+                    assert pb["v_age"][slot] == nv[p] - 1 - j
+    too_small = packing.FlatLayout(batch=16, visit_width=lay.visit_width, slots=1, tokens=(1, 1, 1))
+    with pytest.raises(ValueError, match="sample row 0 needs"):
+        next(packing.pack_flat(enc, too_small))
+
+
+def test_trainer_kernel_switch(enc, data):
+    from configs.student import get_config
+    cfg = get_config()
+    mcfg = ts.model_config(cfg, data.vocab, None)
+    caps = ts.bucket_caps(enc.needs, 2)
+    tr = ts.StudentTrainer(mcfg, ts.loss_config(cfg), lr=1e-3, seed=5)
+    assert tr.kernel and tr.kernel_note == ""
+    fast = tr.predict(enc, caps, 32)
+    np.testing.assert_allclose(fast, tr.predict(enc, caps, 32, kernel=False), atol=1e-5)
+    np.testing.assert_allclose(fast, tr.predict(enc, caps, 32, packed=False), atol=1e-5)
+    off = ts.StudentTrainer(mcfg, ts.loss_config(cfg), lr=1e-3, seed=5, inference_kernel="off")
+    assert not off.kernel and off.kernel_note == "inference_kernel=off"
+    two = ts.make_mesh((2, 1, 1))
+    assert ts.resolve_kernel("auto", mcfg, two) == (False, "the mesh has 2 devices (the kernel runs on one CPU device)")
+    with pytest.raises(ValueError, match="inference_kernel=on, but the CPU kernel cannot be used: the mesh has 2"):
+        ts.resolve_kernel("on", mcfg, two)
+    with pytest.raises(ValueError, match="inference_kernel must be one of"):
+        ts.resolve_kernel("fast", mcfg, two)
