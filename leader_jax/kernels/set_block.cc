@@ -5,10 +5,11 @@
 //
 // Inputs: rows [N, 4d] = x | q | k | v per row (q/k/v = LN1(x) @ Wqkv, done by the caller; for code
 // sets these are per-vocabulary tables), idx [T] row of each token, starts [S] and counts [S] (set s =
-// rows idx[starts[s] .. starts[s] + counts[s])), Wo [d, d], bo [d], LN2 scale/bias [d], W1 [d, Fp], b1 [Fp] (Fp = F
-// rounded up to 16, zero padded). Output [S, d + F]: per set the means of x1 = x + attention @ Wo + bo
-// and of g = GELU_tanh(LN2(x1) @ W1 + b1); the caller finishes with mean(x1) + mean(g) @ W2 + b2
-// (exact: W2 is linear). Empty sets give zeros. Attributes: heads, eps, f (= F), threads.
+// rows idx[starts[s] .. starts[s] + counts[s])), Wo [d, d], bo [d], LN2 scale/bias [d], W1 [d, Fp],
+// b1 [Fp], W2 [Fp, d], b2 [d] (Fp = FFN width rounded up to 16, zero padded). Output [S, d]: per set
+// the mean over its tokens of the block output x1 + W2·g + b2 (x1 = x + attention·Wo + bo, g =
+// GELU_tanh(LN2(x1)·W1 + b1)), computed as mean(x1) + W2·mean(g) + b2 (exact: W2 is linear), so W2
+// runs once per set. Empty sets give zeros. Attributes: heads, eps, threads.
 //
 // Numerics: float32 throughout, like the XLA path; tanh is Eigen's rational approximation (what XLA:CPU
 // also uses), so results match the XLA forward pass to float rounding (tests assert 1e-5).
@@ -77,14 +78,8 @@ inline v16 exp16(v16 x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const vi16 e = ((reinterpret_cast<const vi16&>(t) - reinterpret_cast<const vi16&>(magic)) + 127) << 23;
-  return p * reinterpret_cast<const v16&>(e);
-}
-
-inline float hsum(v16 v) {
-  float s = 0.0f;
-  for (int i = 0; i < 16; ++i) s += v[i];
-  return s;
+  const vi16 e = (((vi16)t - (vi16)magic) + 127) << 23;  // 2^n in the exponent bits (vector casts reinterpret)
+  return p * (v16)e;
 }
 
 // C[MT, 16*NV] += A[MT, K] @ B[K, 16*NV] + bias, register-blocked. With GELU=true the tile's rows are
@@ -154,81 +149,60 @@ void matmul(const float* A, int lda, const float* B, int ldb, const float* bias,
 }
 
 struct Weights {
-  const float *rows, *wo, *bo, *ln_s, *ln_b, *w1, *b1;
+  const float *rows, *wo, *bo, *ln_s, *ln_b, *w1, *b1, *w2, *b2;
   const int32_t *idx, *starts, *counts;
-  int d, heads, f, fp;
+  int d, heads, fp;
   float eps;
 };
 
-// Attention of one set (its n rows copied contiguously to `rows`) into att[n, d] (before Wo). Scores for 16 keys at
-// a time from K^T; values accumulated in registers when the head size is a multiple of 16.
-void attend(const Weights& w, const float* rows, int n, float* att, std::vector<float>& kt, std::vector<float>& sc) {
+// Attention of one set (its n rows copied contiguously to `rows`) into att[n, d] (before Wo), with
+// 16 queries in the vector lanes at a time: every score column, the softmax max/sum and the value sums
+// are whole-vector operations (no horizontal reductions). qt and e are caller-owned scratch.
+void attend(const Weights& w, const float* rows, int n, float* att, std::vector<float>& qt, std::vector<v16>& e) {
   const int d = w.d, hd = d / w.heads, stride = 4 * d;
-  const int nv = (n + 15) / 16;                 // key vectors of 16
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  v16 lane;
-  for (int l = 0; l < 16; ++l) lane[l] = static_cast<float>(l);
-  const v16 valid_last = splat(static_cast<float>(n - 16 * (nv - 1)));   // lanes < this are keys
-  kt.assign(static_cast<size_t>(hd) * nv * 16, 0.0f);
-  sc.resize(static_cast<size_t>(nv) * 16);
-  alignas(64) float tmp[16];
+  alignas(64) float ot[16];
+  qt.resize(static_cast<size_t>(hd) * 16);
+  e.resize(n);
   for (int head = 0; head < w.heads; ++head) {
     const int c = head * hd;
-    for (int j = 0; j < n; ++j) {               // K^T [hd, n] for this head
-      const float* k = rows + static_cast<int64_t>(j) * stride + 2 * d + c;
-      for (int e = 0; e < hd; ++e) kt[static_cast<size_t>(e) * nv * 16 + j] = k[e];
-    }
-    for (int i = 0; i < n; ++i) {
-      const float* q = rows + static_cast<int64_t>(i) * stride + d + c;
+    for (int i0 = 0; i0 < n; i0 += 16) {        // a block of up to 16 queries
+      const int nq = std::min(16, n - i0);
+      std::fill(qt.begin(), qt.end(), 0.0f);    // Q^T of the block, [hd][16]
+      for (int i = 0; i < nq; ++i)
+        for (int k = 0; k < hd; ++k) qt[k * 16 + i] = rows[static_cast<size_t>(i0 + i) * stride + d + c + k];
       v16 mx = splat(-INFINITY);
-      for (int b = 0; b < nv; ++b) {
-        v16 s = splat(0.0f);
-        for (int e = 0; e < hd; ++e) s += q[e] * load(kt.data() + (static_cast<size_t>(e) * nv + b) * 16);
-        s *= scale;
-        if (b == nv - 1) s = lane < valid_last ? s : splat(-INFINITY);
-        store(sc.data() + 16 * b, s);
-        mx = mx > s ? mx : s;
+      for (int j = 0; j < n; ++j) {             // column j: the block's scores against key j
+        const float* kj = rows + static_cast<size_t>(j) * stride + 2 * d + c;
+        v16 sj = splat(0.0f);
+        for (int k = 0; k < hd; ++k) sj += kj[k] * load(qt.data() + k * 16);
+        e[j] = sj * scale;
+        mx = mx > e[j] ? mx : e[j];
       }
-      store(tmp, mx);
-      float m = tmp[0];
-      for (int l = 1; l < 16; ++l) m = std::max(m, tmp[l]);
       v16 tot = splat(0.0f);
-      for (int b = 0; b < nv; ++b) {
-        v16 e = exp16(load(sc.data() + 16 * b) - m);
-        if (b == nv - 1) e = lane < valid_last ? e : splat(0.0f);
-        store(sc.data() + 16 * b, e);
-        tot += e;
+      for (int j = 0; j < n; ++j) {
+        e[j] = exp16(e[j] - mx);
+        tot += e[j];
       }
-      store(tmp, tot);
-      float sum = 0.0f;
-      for (int l = 0; l < 16; ++l) sum += tmp[l];
-      const float inv = 1.0f / sum;
-      float* a = att + static_cast<size_t>(i) * d + c;
-      if (hd % 16 == 0) {
-        for (int e0 = 0; e0 < hd; e0 += 16) {
-          v16 acc = splat(0.0f);
-          for (int j = 0; j < n; ++j)
-            acc += sc[j] * load(rows + static_cast<int64_t>(j) * stride + 3 * d + c + e0);
-          store(a + e0, acc * inv);
-        }
-      } else {
-        for (int e = 0; e < hd; ++e) a[e] = 0.0f;
-        for (int j = 0; j < n; ++j) {
-          const float* v = rows + static_cast<int64_t>(j) * stride + 3 * d + c;
-          const float pj = sc[j] * inv;
-          for (int e = 0; e < hd; ++e) a[e] += pj * v[e];
-        }
+      const v16 inv = 1.0f / tot;
+      for (int k = 0; k < hd; ++k) {            // output dim k for the whole block
+        v16 o = splat(0.0f);
+        for (int j = 0; j < n; ++j) o += rows[static_cast<size_t>(j) * stride + 3 * d + c + k] * e[j];
+        store(ot, o * inv);
+        for (int i = 0; i < nq; ++i) att[static_cast<size_t>(i0 + i) * d + c + k] = ot[i];
       }
     }
   }
 }
 
 // Sets [s0, s1), in groups of >= kGroup tokens: attention per set, then for the whole group
-// x1 = x + att @ Wo + bo, LN2, and Σ GELU(LN2(x1) @ W1 + b1) per set (row-tiled across set borders).
+// x1 = x + att @ Wo + bo, LN2, Σ GELU(LN2(x1) @ W1 + b1) per set (row-tiled across set borders), and
+// the set outputs mean(x1) + mean(g) @ W2 + b2 (one matmul over the group's sets).
 void run_sets(const Weights& w, int64_t s0, int64_t s1, float* out) {
   constexpr int kGroup = 192;
-  const int d = w.d, stride = 4 * d, fp = w.fp, width = d + w.f;
-  std::vector<float> att, x1, h, kt, sc, gsum, local;
+  const int d = w.d, stride = 4 * d, fp = w.fp;
+  std::vector<float> att, x1, h, qt, gsum, local;
+  std::vector<v16> ev;
   std::vector<float*> rowsum;
   for (int64_t g0 = s0; g0 < s1;) {
     int64_t g1 = g0;
@@ -250,7 +224,7 @@ void run_sets(const Weights& w, int64_t s0, int64_t s1, float* out) {
         std::memcpy(local.data() + static_cast<size_t>(i) * stride, src, sizeof(float) * stride);
         std::memcpy(x1.data() + static_cast<size_t>(t + i) * d, src, sizeof(float) * d);
       }
-      attend(w, local.data(), n, att.data() + static_cast<size_t>(t) * d, kt, sc);
+      attend(w, local.data(), n, att.data() + static_cast<size_t>(t) * d, qt, ev);
       for (int i = 0; i < n; ++i) rowsum[t + i] = gsum.data() + (s - g0) * fp;
       t += n;
     }
@@ -258,8 +232,8 @@ void run_sets(const Weights& w, int64_t s0, int64_t s1, float* out) {
     t = 0;
     for (int64_t s = g0; s < g1; ++s) {          // set sum of x1, LN2
       const int n = w.counts[s];
-      float* o = out + s * width;
-      std::memset(o, 0, sizeof(float) * width);
+      float* o = out + s * d;
+      std::memset(o, 0, sizeof(float) * d);
       if (n <= 0) continue;
       for (int i = 0; i < n; ++i, ++t) {
         const float* r = x1.data() + static_cast<size_t>(t) * d;
@@ -277,15 +251,17 @@ void run_sets(const Weights& w, int64_t s0, int64_t s1, float* out) {
       }
     }
     matmul<true>(h.data(), d, w.w1, fp, w.b1, nullptr, 0, tokens, d, fp, rowsum.data());
-    for (int64_t s = g0; s < g1; ++s) {
-      const int n = w.counts[s];
-      if (n <= 0) continue;
-      float* o = out + s * width;
+    for (int64_t s = g0; s < g1; ++s) {          // means of x1 (in out) and of g (in gsum)
+      const int n = std::max(1, w.counts[s]);
       const float inv = 1.0f / n;
-      const float* gs = gsum.data() + (s - g0) * fp;
+      float* o = out + s * d;
+      float* gs = gsum.data() + (s - g0) * fp;
       for (int e = 0; e < d; ++e) o[e] *= inv;
-      for (int e = 0; e < w.f; ++e) o[d + e] = gs[e] * inv;
+      for (int e = 0; e < fp; ++e) gs[e] *= inv;
     }
+    matmul<false>(gsum.data(), fp, w.w2, d, w.b2, out + g0 * d, d, static_cast<int>(g1 - g0), fp, d, nullptr);
+    for (int64_t s = g0; s < g1; ++s)            // an empty set is 0, not b2
+      if (w.counts[s] <= 0) std::memset(out + s * d, 0, sizeof(float) * d);
     g0 = g1;
   }
 }
@@ -294,21 +270,23 @@ ffi::Error SetBlockMeansImpl(ffi::Buffer<ffi::F32> rows, ffi::Buffer<ffi::S32> i
                              ffi::Buffer<ffi::S32> counts,
                              ffi::Buffer<ffi::F32> wo, ffi::Buffer<ffi::F32> bo, ffi::Buffer<ffi::F32> ln_s,
                              ffi::Buffer<ffi::F32> ln_b, ffi::Buffer<ffi::F32> w1, ffi::Buffer<ffi::F32> b1,
-                             ffi::ResultBuffer<ffi::F32> out, int64_t heads, float eps, int64_t f,
-                             int64_t threads) {
+                             ffi::Buffer<ffi::F32> w2, ffi::Buffer<ffi::F32> b2, ffi::ResultBuffer<ffi::F32> out,
+                             int64_t heads, float eps, int64_t threads) {
   const auto rd = rows.dimensions();
   const auto w1d = w1.dimensions();
   if (rd.size() != 2 || w1d.size() != 2) return ffi::Error::InvalidArgument("rows and w1 must be rank 2");
   const int d = static_cast<int>(rd[1] / 4);
   const int fp = static_cast<int>(w1d[1]);
-  if (d % 16 || fp % 16 || heads <= 0 || d % heads || w1d[0] != d || f > fp)
-    return ffi::Error::InvalidArgument("set_block_means: need d % 16 == 0, Fp % 16 == 0, d % heads == 0");
+  if (d % 16 || fp % 16 || heads <= 0 || d % heads || w1d[0] != d ||
+      static_cast<int64_t>(w2.element_count()) != static_cast<int64_t>(fp) * d)
+    return ffi::Error::InvalidArgument("set_block_means: need d % 16 == 0, Fp % 16 == 0, d % heads == 0, "
+                                       "W1 [d, Fp], W2 [Fp, d]");
   const int64_t n_sets = static_cast<int64_t>(starts.element_count());
   if (static_cast<int64_t>(counts.element_count()) != n_sets)
     return ffi::Error::InvalidArgument("set_block_means: starts and counts differ in length");
   Weights w{rows.typed_data(), wo.typed_data(), bo.typed_data(), ln_s.typed_data(), ln_b.typed_data(),
-            w1.typed_data(), b1.typed_data(), idx.typed_data(), starts.typed_data(), counts.typed_data(), d,
-            static_cast<int>(heads), static_cast<int>(f), fp, eps};
+            w1.typed_data(), b1.typed_data(), w2.typed_data(), b2.typed_data(), idx.typed_data(),
+            starts.typed_data(), counts.typed_data(), d, static_cast<int>(heads), fp, eps};
   const int64_t n_rows = rd[0];
   const int64_t n_tok = static_cast<int64_t>(idx.element_count());
   std::vector<int64_t> cum(n_sets + 1, 0);  // tokens before set s, for the thread split
@@ -351,8 +329,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SetBlockMeans, SetBlockMeansImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("heads")
                                   .Attr<float>("eps")
-                                  .Attr<int64_t>("f")
                                   .Attr<int64_t>("threads"));

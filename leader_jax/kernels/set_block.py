@@ -103,22 +103,22 @@ def default_threads() -> int:
 
 
 def set_block_means(block, rows, idx, starts, counts, threads: int | None = None):
-    """Per set, the means of x1 and g of `block` (a student TransformerBlock) → [S, d + ffn].
+    """Per set, the mean over its tokens of `block`'s output (a student TransformerBlock at inference,
+    i.e. without dropout) → [S, d]; an empty set gives zeros.
 
     rows [N, 4d] = x | LN1(x) @ Wqkv per row; idx [T] int32 row of each token; starts, counts [S] int32
-    (set s = rows idx[starts[s] : starts[s] + counts[s]]; an empty set gives zeros). Finish with
-    `block.pooled_output(means, counts > 0)`."""
+    (set s = rows idx[starts[s] : starts[s] + counts[s]])."""
     ok, why = available()
     if not ok:
         raise RuntimeError(f"the set_block kernel is not available: {why}")
     d = rows.shape[1] // 4
     f = block.w1.kernel.shape[1]
-    fp = -(-f // 16) * 16
+    fp = -(-f // 16) * 16                       # FFN width padded to whole vectors (zeros: exact)
     w1 = jnp.pad(block.w1.kernel[...], ((0, 0), (0, fp - f)))
     b1 = jnp.pad(block.w1.bias[...], (0, fp - f))
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((starts.shape[0], d + f), jnp.float32))
+    w2 = jnp.pad(block.w2.kernel[...], ((0, fp - f), (0, 0)))
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((starts.shape[0], d), jnp.float32))
     return call(rows.astype(jnp.float32), idx.astype(jnp.int32), starts.astype(jnp.int32),
-                counts.astype(jnp.int32),
-                block.o.kernel[...], block.o.bias[...], block.ln2.scale[...], block.ln2.bias[...], w1, b1,
-                heads=int(block.heads), eps=np.float32(block.ln2.eps), f=int(f),
-                threads=int(threads or default_threads()))
+                counts.astype(jnp.int32), block.o.kernel[...], block.o.bias[...], block.ln2.scale[...],
+                block.ln2.bias[...], w1, b1, w2, block.w2.bias[...],
+                heads=int(block.heads), eps=np.float32(block.ln2.eps), threads=int(threads or default_threads()))

@@ -166,13 +166,6 @@ class TransformerBlock(nnx.Module):
         """GELU(W1 · LN2(x) + b1) [N, L, ffn] (before dropout and W2)."""
         return jax.nn.gelu(self.w1(self.ln2(x)), approximate=True)
 
-    def pooled_output(self, means, nonempty):
-        """Inference: the block's output averaged over each set, from the set means of [x1 | g] (x1 =
-        input + attention, g = `ffn_hidden(x1)`). W2 is linear, so mean(x1 + W2·g + b2) = mean(x1) +
-        W2·mean(g) + b2 — W2 runs once per set, not once per token; empty sets give 0 (masked_mean)."""
-        d = self.o.kernel.shape[1]
-        return means[..., :d] + jnp.where(nonempty, self.w2(means[..., d:]), 0.0)
-
 
 def segment_mask(seg):
     """[N, L] segment numbers (0 = pad) → [N, L, L]: query i may attend key j iff same non-zero segment."""
@@ -298,7 +291,7 @@ class Student(nnx.Module):
         patient index, `v_age`, `v_first`). `kernel=True`: a *flat* batch (`pack_flat`: every set a
         run `{s}_start`/`{s}_len` of `{s}_tok`, every patient a run `p_start`/`p_len` of visit slots)
         through the CPU FFI kernel (`leader_jax.kernels.set_block`), with `tables` from
-        `inference_tables()`; W2 is applied after the set mean (exact, it is linear)."""
+        `inference_tables()`, which applies W2 after the set mean (exact, it is linear)."""
         if kernel:
             return self._predict_kernel(pb, self.inference_tables() if tables is None else tables)
         drop = Dropout(None)
@@ -332,16 +325,14 @@ class Student(nnx.Module):
         n = pb["v_pat"].shape[0]                                        # visit slots
         vecs = []
         for name, _, enc in self._streams():
-            counts = pb[f"{name}_len"]
-            means = set_block_means(enc, tables[name], pb[f"{name}_tok"], pb[f"{name}_start"], counts)
-            vecs.append(enc.pooled_output(means, (counts > 0)[:, None]))   # [n, d]
+            vecs.append(set_block_means(enc, tables[name], pb[f"{name}_tok"], pb[f"{name}_start"],
+                                        pb[f"{name}_len"]))            # [n, d]
         x = self._visit_streams(pb, vecs, prof)                          # [3n, d]
         enc = self.visit_enc
         rows = jnp.concatenate([x, enc.ln1(x) @ enc.qkv_kernel()], axis=-1)
         starts = jnp.concatenate([pb["p_start"] + i * n for i in range(3)])
         counts = jnp.concatenate([pb["p_len"]] * 3)
-        means = set_block_means(enc, rows, jnp.arange(3 * n, dtype=jnp.int32), starts, counts)
-        pooled = enc.pooled_output(means, (counts > 0)[:, None]).reshape(3, b, d)
+        pooled = set_block_means(enc, rows, jnp.arange(3 * n, dtype=jnp.int32), starts, counts).reshape(3, b, d)
         return self.head(jnp.concatenate(list(pooled), axis=-1))[1]
 
     def align_pair(self, target, profile_vec, key=None):
