@@ -61,7 +61,13 @@ def build(cxx: str | None = None) -> Path:
     out = cache_dir() / f"set_block-{key}.so"
     if out.exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:                             # read-only home: a per-user temp folder instead
+        out = Path(tempfile.gettempdir()) / f"leader_jax-kernels-{os.getuid()}" / out.name
+        if out.exists():
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
