@@ -244,7 +244,10 @@ def resolve_kernel(mode: str, mcfg: StudentConfig, mesh) -> tuple[bool, str]:
     if mode == "off":
         return False, "inference_kernel=off"
     why = ""
-    if mesh.devices.size > 1:
+    platform = mesh.devices.flat[0].platform
+    if platform != "cpu":
+        why = f"the mesh is on {platform} (the kernel is CPU-only)"
+    elif mesh.devices.size > 1:
         why = f"the mesh has {mesh.devices.size} devices (the kernel runs on one CPU device)"
     elif mcfg.d % 16:
         why = f"d={mcfg.d} is not a multiple of 16"
