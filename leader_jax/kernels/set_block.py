@@ -2,10 +2,10 @@
 
 XLA:CPU runs the student's per-set attention as thousands of tiny batched matmuls and spends most of
 its time in per-matrix overhead; `set_block_means` computes one transformer block for many small sets
-in cache (register-blocked FFN, fused GELU + set mean) on every core. It is an optional accelerator:
-`available()` says whether it can be built and registered here (a C++17 compiler, the jaxlib FFI
-headers) and why not; it runs only on CPU devices; callers fall back to the pure-JAX path, which stays the reference (tests assert
-both agree to 1e-5).
+in cache (register-blocked FFN, fused GELU + set mean) on every core. It is an optional accelerator
+for CPU devices: `available()` says whether it can be built and registered here (a C++17 compiler,
+the jaxlib FFI headers) and why not; callers fall back to the pure-JAX path, which stays the
+reference (tests assert both agree to 1e-5).
 
 The shared library is built with `$CXX` (default g++) `-O3 -march=native` into
 `$LEADER_JAX_CACHE/kernels` (default `~/.cache/leader_jax/kernels`), named by a hash of the source,
@@ -17,7 +17,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import logging
 import os
 import platform
 import shutil
@@ -32,7 +31,6 @@ import numpy as np
 TARGET = "leader_jax_set_block_means"
 SOURCE = Path(__file__).with_name("set_block.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
-log = logging.getLogger(__name__)
 
 
 def _cpu_flags() -> str:
