@@ -288,6 +288,51 @@ def test_pack_batches_cover_rows_and_budgets(enc):
         assert np.bincount(pb["v_pat"][pb["v_seg"] > 0], minlength=len(rows)).tolist() == enc.n_visits[rows].tolist()
 
 
+def test_pack_flat_covers_every_token_once_within_budgets(enc):
+    lay = packing.flat_layout(enc, 16)
+    small = packing.FlatLayout(batch=16, visit_width=lay.visit_width, slots=24, tokens=(200, 80, 120))
+    got = list(packing.pack_flat(enc, small))
+    assert np.concatenate([r for r, _ in got]).tolist() == list(range(len(enc)))
+    for rows, pb in got:
+        nv = enc.n_visits[rows]
+        assert len(rows) <= 16 and nv.sum() <= 24 and pb["v_pat"].shape == (24,)
+        assert pb["p_len"][:len(rows)].tolist() == nv.tolist() and not pb["p_len"][len(rows):].any()
+        for k, name in enumerate(packing.STREAMS):
+            ids = getattr(enc, name)[rows]
+            assert (ids > 0).sum() <= small.tokens[k]
+            # slot-by-slot: the run start/len of visit j of patient p holds exactly that visit's codes
+            for p, r in enumerate(rows):
+                for j in range(nv[p]):
+                    slot = pb["p_start"][p] + j
+                    run = pb[f"{name}_tok"][pb[f"{name}_start"][slot]:][:pb[f"{name}_len"][slot]]
+                    assert run.tolist() == [c for c in ids[p, j] if c > 0]
+                    assert pb["v_pat"][slot] == p and pb["v_first"][slot] == (j == 0)
+                    assert pb["v_age"][slot] == nv[p] - 1 - j
+    too_small = packing.FlatLayout(batch=16, visit_width=lay.visit_width, slots=1, tokens=(1, 1, 1))
+    with pytest.raises(ValueError, match="sample row 0 needs"):
+        next(packing.pack_flat(enc, too_small))
+
+
+def test_trainer_kernel_switch(enc, data):
+    from configs.student import get_config
+    cfg = get_config()
+    mcfg = ts.model_config(cfg, data.vocab, None)
+    caps = ts.bucket_caps(enc.needs, 2)
+    tr = ts.StudentTrainer(mcfg, ts.loss_config(cfg), lr=1e-3, seed=5)
+    assert tr.kernel and tr.kernel_note == ""
+    fast = tr.predict(enc, caps, 32)
+    np.testing.assert_allclose(fast, tr.predict(enc, caps, 32, kernel=False), atol=1e-5)
+    np.testing.assert_allclose(fast, tr.predict(enc, caps, 32, packed=False), atol=1e-5)
+    off = ts.StudentTrainer(mcfg, ts.loss_config(cfg), lr=1e-3, seed=5, inference_kernel="off")
+    assert not off.kernel and off.kernel_note == "inference_kernel=off"
+    two = ts.make_mesh((2, 1, 1))
+    assert ts.resolve_kernel("auto", mcfg, two) == (False, "the mesh has 2 devices (the kernel runs on one CPU device)")
+    with pytest.raises(ValueError, match="inference_kernel=on, but the CPU kernel cannot be used: the mesh has 2"):
+        ts.resolve_kernel("on", mcfg, two)
+    with pytest.raises(ValueError, match="inference_kernel must be one of"):
+        ts.resolve_kernel("fast", mcfg, two)
+
+
 def test_feature_store_id_mismatch_is_a_clear_error(prepared_synthetic, data, tmp_path):
     from leader_jax.cli import UserError
     path = tmp_path / "partial"

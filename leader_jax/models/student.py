@@ -269,8 +269,8 @@ class Student(nnx.Module):
                 for name, emb, enc in self._streams()}
 
     def _visit_streams(self, pb: dict, vecs: list, prof):
-        """The three visit-slot streams [3Rv, V, d]: set vectors, profile in the drug stream's first
-        slot, optional recency embedding."""
+        """The three visit-slot streams stacked on axis 0 (vecs: each stream's set vector per visit slot,
+        [Rv, V, d] rows or [n, d] flat): profile in the drug stream's first slot, optional recency."""
         d = prof.shape[1]
         prof_pad = jnp.concatenate([prof, jnp.zeros((1, d), prof.dtype)], axis=0)
         vecs = list(vecs)
@@ -280,20 +280,14 @@ class Student(nnx.Module):
             streams = streams + jnp.concatenate([self.recency(pb["v_age"])] * 3, axis=0)
         return streams
 
-    def predict_packed(self, pb: dict, tables: dict | None = None, kernel: bool = False):
-        """Inference logits [B, n_med] from a *packed* batch (`leader_jax.train.packing`): the same
-        function as `__call__(batch)["logits"]` without dropout, computing real tokens only.
-
-        XLA path (default): each stream's non-empty code sets lie back to back in rows of width W
-        (`{s}_tok` ids, `{s}_seg` set number within the row, `{s}_set` visit slot of the token's set);
-        attention is restricted to the own set by a segment mask and the set means are scattered back
-        by `segment_sum`; the visit encoder runs the same way on packed visit slots (`v_seg`, `v_pat`
-        patient index, `v_age`, `v_first`). `kernel=True`: a *flat* batch (`pack_flat`: every set a
-        run `{s}_start`/`{s}_len` of `{s}_tok`, every patient a run `p_start`/`p_len` of visit slots)
-        through the CPU FFI kernel (`leader_jax.kernels.set_block`), with `tables` from
-        `inference_tables()`, which applies W2 after the set mean (exact, it is linear)."""
-        if kernel:
-            return self._predict_kernel(pb, self.inference_tables() if tables is None else tables)
+    def predict_packed(self, pb: dict):
+        """Inference logits [B, n_med] from a packed-rows batch (`leader_jax.train.packing.pack_batches`),
+        in XLA ops: the same function as `__call__(batch)["logits"]` without dropout, computing real
+        tokens only. Each stream's non-empty code sets lie back to back in rows of width W (`{s}_tok`
+        ids, `{s}_seg` set number within the row, `{s}_set` visit slot of the token's set); attention is
+        restricted to the own set by a segment mask and the set means are scattered back by
+        `segment_sum`; the visit encoder runs the same way on packed visit slots (`v_seg`, `v_pat`
+        patient index, `v_age`, `v_first`)."""
         drop = Dropout(None)
         prof = self.profile_vector(pb["profile"])                       # [B, d]
         b, d = prof.shape
@@ -318,8 +312,13 @@ class Student(nnx.Module):
         pooled = [seg_mean(y[i * rv:(i + 1) * rv], pb["v_seg"], pb["v_pat"], b)[:b] for i in range(3)]
         return self.head(jnp.concatenate(pooled, axis=-1))[1]
 
-    def _predict_kernel(self, pb: dict, tables: dict):
+    def predict_flat(self, pb: dict, tables: dict | None = None):
+        """The same logits from a *flat* batch (`leader_jax.train.packing.pack_flat`: every set a run
+        `{s}_start`/`{s}_len` of `{s}_tok`, every patient a run `p_start`/`p_len` of visit slots) through
+        the CPU FFI kernel (`leader_jax.kernels.set_block`, which applies W2 after the set mean: exact,
+        it is linear); `tables` = `inference_tables()`, computed here if not given."""
         from leader_jax.kernels.set_block import set_block_means
+        tables = self.inference_tables() if tables is None else tables
         prof = self.profile_vector(pb["profile"])
         b, d = prof.shape
         n = pb["v_pat"].shape[0]                                        # visit slots

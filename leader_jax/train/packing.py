@@ -4,7 +4,7 @@ A bucketed, padded [B, V, C] batch is mostly padding (≈ 1.7 visits per patient
 sets, a whole empty drug stream for every single-visit patient). `pack_batches` instead lays each
 stream's non-empty code sets back to back into rows of width W and the patients' visit slots back to
 back into rows of `max_visits`. Patients are added to a batch until `batch` patients or any row budget
-is full, so one compile serves every batch. `Student.predict_packed` reads it (XLA path or kernel).
+is full, so one compile serves every batch. `Student.predict_packed` reads it (XLA path).
 
 Arrays of one packed batch (int32 unless said; R, W per stream, Rv visit rows, V = max visits,
 n = Rv·V visit slots, slot = row·V + column):
@@ -165,7 +165,7 @@ def pack_batches(enc, layout: PackLayout):
 # --------------------------------------------------------------------------- flat (CSR) batches
 @dataclasses.dataclass(frozen=True)
 class FlatLayout:
-    """Fixed shapes of a flat batch for the CPU kernel (`Student.predict_packed(kernel=True)`): up to
+    """Fixed shapes of a flat batch for the CPU kernel (`Student.predict_flat`): up to
     `batch` patients, `slots` visit slots and `tokens[s]` code tokens per stream; sets are contiguous
     runs of tokens (no rows, no width), so nothing but the budgets' tail is padding."""
 

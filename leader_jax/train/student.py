@@ -208,7 +208,7 @@ def make_batch(enc: EncodedSplit, rows: np.ndarray, cap: Sequence[int], batch_si
     return batch
 
 
-_LAYOUTS: dict = {}   # (caps, batch_size, visits, dp, kernel) → PackLayout / FlatLayout, shared by all trainers
+_LAYOUTS: dict = {}   # (caps, dp | 'flat', batch_size, visits) → PackLayout / FlatLayout, shared by all trainers
 
 
 # ------------------------------------------------------------------------------------------ trainer
@@ -278,8 +278,8 @@ def _compiled_steps(graphdef, lc: LossConfig, lr: float, mesh, p_sh_flat, p_tree
     def predict_step(params, packed):
         return jax.nn.sigmoid(nnx.merge(graphdef, params).predict_packed(packed))
 
-    def predict_kernel_step(params, tables, packed):
-        return jax.nn.sigmoid(nnx.merge(graphdef, params).predict_packed(packed, tables, kernel=True))
+    def predict_kernel_step(params, tables, flat):
+        return jax.nn.sigmoid(nnx.merge(graphdef, params).predict_flat(flat, tables))
 
     def predict_padded_step(params, batch):
         return jax.nn.sigmoid(nnx.merge(graphdef, params)(batch)["logits"])
@@ -313,9 +313,25 @@ class StudentTrainer:
         (self.tx, self.train_step, self.predict_xla_step, self.tables_step, self.predict_kernel_step,
          self.predict_padded_step) = _compiled_steps(self.graphdef, lc, float(lr), mesh, tuple(p_flat), p_tree,
                                                      tuple(o_flat), o_tree)
-        self.kernel, self.kernel_note = resolve_kernel(inference_kernel, mcfg, mesh)
+        self.inference_kernel = inference_kernel
+        if inference_kernel != "auto":     # "on" must be usable and a bad mode fails now; "auto" builds the
+            self.kernel                    # kernel only when this trainer first predicts
         self.base_key = jax.random.key(seed, impl="rbg")
         self.step = 0
+
+    @functools.cached_property
+    def _kernel_choice(self) -> tuple[bool, str]:
+        return resolve_kernel(self.inference_kernel, self.mcfg, self.mesh)
+
+    @property
+    def kernel(self) -> bool:
+        """Whether packed inference runs through the CPU kernel (`resolve_kernel`, decided once)."""
+        return self._kernel_choice[0]
+
+    @property
+    def kernel_note(self) -> str:
+        """Why the kernel is not used ('' when it is)."""
+        return self._kernel_choice[1]
 
     def _put(self, batch: dict) -> dict:
         return {k: sharding.shard_batch(v, self.mesh) for k, v in batch.items()}
@@ -338,8 +354,8 @@ class StudentTrainer:
         kernel = self.kernel if kernel is None else kernel
         if packed:
             dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-            key = (tuple(tuple(int(x) for x in c) for c in caps), int(batch_size), int(enc.diag.shape[1]), dp,
-                   bool(kernel))
+            key = (("flat",) if kernel else (tuple(tuple(int(x) for x in c) for c in caps), dp)) + (
+                int(batch_size), int(enc.diag.shape[1]))
             if key not in _LAYOUTS:
                 _LAYOUTS[key] = (flat_layout(enc, batch_size) if kernel
                                  else pack_layout(enc, caps, batch_size, multiple=8 * dp))
