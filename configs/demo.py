@@ -22,7 +22,7 @@ def get_config() -> ConfigDict:
     c.data = load_config("data.py")
     c.pretrain = load_config("pretrain_tiny.py")
     c.teacher = load_config("teacher_tiny.py")
-    c.features = load_config("features.py")
+    c.features = load_config("extract_features.py")
     c.student = load_config("student.py")
     c.student.lr = 2e-3           # the paper's 5e-4 stays at the label prior for epochs on the small demos
     c.baseline = load_config("baselines.py")

@@ -14,7 +14,7 @@ PRESETS = {
 def get_config(preset: str | None = None) -> ConfigDict:
     c = ConfigDict()
     c.data_dir = ""          # prepared-data folder (python -m leader_jax.data.prepare)
-    c.features = ""          # teacher feature store (python -m leader_jax.train.features)
+    c.features = ""          # teacher feature store (python -m leader_jax.train.extract_features)
     c.out = ""               # run directory (set by --out)
     c.distill = True         # False = the no-KD ablation (no teacher needed)
     c.seed = 42

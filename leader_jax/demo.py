@@ -66,7 +66,7 @@ def build_stages(cfg: ConfigDict) -> list[Stage]:
 
     from leader_jax import baselines
     from leader_jax.data import prepare
-    from leader_jax.train import features, pretrain, student, teacher
+    from leader_jax.train import extract_features, pretrain, student, teacher
 
     stages = [
         Stage("data", data_dir, data_cfg, lambda: prepare.main(data_cfg, [])),
@@ -75,7 +75,7 @@ def build_stages(cfg: ConfigDict) -> list[Stage]:
               lambda: make_tokenizer(pre_cfg, cfg.tokenizer_vocab, tok_dir), after=("data",)),
         Stage("pretrain", pre_dir, pre_cfg, lambda: pretrain.main(pre_cfg, []), after=("tokenizer",)),
         Stage("teacher", teacher_dir, teacher_cfg, lambda: teacher.main(teacher_cfg, []), after=("pretrain",)),
-        Stage("features", store, feat_cfg, lambda: features.main(feat_cfg, []), after=("teacher",)),
+        Stage("features", store, feat_cfg, lambda: extract_features.main(feat_cfg, []), after=("teacher",)),
     ]
     for name, scfg in students.items():
         stages.append(Stage(name, root / name, scfg, lambda scfg=scfg: student.main(scfg, []),

@@ -28,12 +28,17 @@ DDI_GRAPH_NOTE = "TWOSIDES ATC-3, legacy TOPK=40 (least-frequent) selection"
 
 # ---------------------------------------------------------------- prediction files (shared format)
 
-def write_predictions(run_dir: str | Path, split: str, *, ids, y_true, y_prob, single_visit) -> Path:
-    """Write `RUN/predictions/<split>.npz` in the project format (checked, atomic)."""
+def write_predictions(run_dir: str | Path, split: str, *, ids, y_true, y_prob, single_visit,
+                      data_fingerprint: str | None = None) -> Path:
+    """Write `RUN/predictions/<split>.npz` in the project format (checked, atomic). `data_fingerprint`
+    (`PreparedData.fingerprint()` of the data the predictions were made on) lets eval refuse predictions
+    scored against another prepared folder."""
     ids = np.asarray([str(i) for i in ids])
     arrays = {"ids": ids, "y_true": np.asarray(y_true).astype(np.uint8),
               "y_prob": np.asarray(y_prob).astype(np.float32),
               "single_visit": np.asarray(single_visit).astype(bool)}
+    if data_fingerprint is not None:
+        arrays["data_fingerprint"] = np.asarray(str(data_fingerprint))
     path = Path(run_dir) / "predictions" / f"{split}.npz"
     _validate(arrays, path)
     return atomic_save_npz(path, **arrays)

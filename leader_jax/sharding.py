@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 from typing import Any, Iterator, Sequence
 
@@ -17,6 +18,8 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
 
 MESH_AXES: tuple[str, str, str] = ("data", "fsdp", "tensor")
 
@@ -111,8 +114,13 @@ def logical_to_mesh(spec: Sequence[str | None] | P | None, rules=None) -> P:
     return P(*out)
 
 
-def _fit_spec(spec: P, shape: Sequence[int], mesh: jax.sharding.Mesh) -> P:
-    """Drop mesh axes from dims they do not divide (so tiny test models stay valid on big meshes)."""
+_WARNED: set[tuple] = set()
+
+
+def _fit_spec(spec: P, shape: Sequence[int], mesh: jax.sharding.Mesh, what: str = "array") -> P:
+    """Drop mesh axes from dims they do not divide (so tiny test models stay valid on big meshes).
+
+    Never silent: each (what, dim, mesh axis, size) that falls back to replication is warned about once."""
     out = []
     for i, entry in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
         if entry is None:
@@ -125,6 +133,13 @@ def _fit_spec(spec: P, shape: Sequence[int], mesh: jax.sharding.Mesh) -> P:
             if shape[i] % (size * mesh.shape[a]) == 0:
                 keep.append(a)
                 size *= mesh.shape[a]
+            else:
+                key = (what, i, a, int(shape[i]), int(mesh.shape[a]))
+                if key not in _WARNED:
+                    _WARNED.add(key)
+                    log.warning("%s: dim %d (size %d) is not divisible by mesh axis %r (size %d) "
+                                "x the axes before it; that dim is replicated over %r instead",
+                                what, i, shape[i], a, mesh.shape[a], a)
         out.append(None if not keep else (keep[0] if len(keep) == 1 else tuple(keep)))
     return P(*out)
 
@@ -143,7 +158,8 @@ def variable_sharding(variable: nnx.Variable, mesh: jax.sharding.Mesh, rules=Non
     value = variable.get_value() if hasattr(variable, "get_value") else variable[...]
     shape = tuple(getattr(value, "shape", ()))
     spec = logical_to_mesh(logical, rules) if logical is not None else P()
-    return NamedSharding(mesh, _fit_spec(spec, shape, mesh))
+    name = f"parameter {logical}" if logical is not None else "parameter"
+    return NamedSharding(mesh, _fit_spec(spec, shape, mesh, f"{name} of shape {shape}"))
 
 
 def state_shardings(state: Any, mesh: jax.sharding.Mesh, rules=None):
@@ -154,9 +170,33 @@ def state_shardings(state: Any, mesh: jax.sharding.Mesh, rules=None):
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
-    """Sharding of a [B, ...] batch: batch dim over ("data", "fsdp"), the rest replicated."""
-    return NamedSharding(mesh, logical_to_mesh(("batch",) + (None,) * (ndim - 1)))
+def batch_axes(rules=None) -> tuple[str, ...]:
+    """The mesh axes that the logical "batch" axis maps to (from the rules table)."""
+    axes = rules_dict(rules).get("batch")
+    return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+
+
+def batch_parallelism(mesh: jax.sharding.Mesh, rules=None) -> int:
+    """How many shards a batch is split into on `mesh`: the product of the sizes of `batch_axes()`.
+    Batch sizes must be multiples of it (the stages check this before training)."""
+    return math.prod(int(mesh.shape[a]) for a in batch_axes(rules))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2, *, batch_dim: int = 0, rules=None) -> NamedSharding:
+    """Sharding of an array whose dim `batch_dim` is the batch (e.g. 1 for stacked [accum, B, ...]
+    micro-batches): that dim laid out by the rules table's "batch" entry, the rest replicated."""
+    logical = [None] * ndim
+    logical[batch_dim] = "batch"
+    return NamedSharding(mesh, logical_to_mesh(tuple(logical), rules))
+
+
+def check_batch_size(name: str, value: int, mesh: jax.sharding.Mesh, rules=None) -> None:
+    """ValueError naming the config field when `value` is not a multiple of the batch parallelism."""
+    n = batch_parallelism(mesh, rules)
+    if int(value) % n:
+        axes = "*".join(batch_axes(rules)) or "(none)"
+        raise ValueError(f"{name}={value} must be a multiple of the batch parallelism {n} "
+                         f"(mesh axes {axes} of the 'batch' rule in LOGICAL_AXIS_RULES)")
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -164,7 +204,7 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 
 def shard_batch(x, mesh: jax.sharding.Mesh):
-    """device_put a host array with the batch sharding (its leading dim must divide data*fsdp)."""
+    """device_put a host array with the batch sharding (its leading dim must divide the batch parallelism)."""
     x = np.asarray(x)
     return jax.device_put(x, batch_sharding(mesh, x.ndim))
 
@@ -187,7 +227,7 @@ def with_logical_constraint(x, logical: Sequence[str | None]):
     mesh = _current_mesh()
     if mesh is None:
         return x
-    spec = _fit_spec(logical_to_mesh(logical), x.shape, mesh)
+    spec = _fit_spec(logical_to_mesh(logical), x.shape, mesh, f"activation {tuple(logical)}")
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 

@@ -19,5 +19,5 @@ if [ "${SKIP_STAGE1:-0}" != "1" ]; then
 fi
 $PY -m leader_jax.train.teacher --config "$CONFIG" --config.data_dir="$PREPARED" \
     --config.model.path="$BASE" "${DOMAIN_ARGS[@]}" --out "$RUN/teacher" "$@"
-$PY -m leader_jax.train.features --config.run_dir="$RUN/teacher" --config.batch_size=32
+$PY -m leader_jax.train.extract_features --config.run_dir="$RUN/teacher" --config.batch_size=32
 $PY -m leader_jax.eval --config.run_dir="$RUN/teacher"

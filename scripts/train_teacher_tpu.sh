@@ -25,5 +25,5 @@ if [ "${SKIP_STAGE1:-0}" != "1" ]; then
 fi
 $PY -m leader_jax.train.teacher --config "$CONFIG" "${COMMON[@]}" --config.data_dir="$PREPARED" \
     --config.model.path="$BASE" "${DOMAIN_ARGS[@]}" --out "$RUN/teacher" "$@"
-$PY -m leader_jax.train.features --config.run_dir="$RUN/teacher" --config.distributed.auto=$AUTO
+$PY -m leader_jax.train.extract_features --config.run_dir="$RUN/teacher" --config.distributed.auto=$AUTO
 if [ "${TPU_WORKER_ID:-0}" = "0" ]; then $PY -m leader_jax.eval --config.run_dir="$RUN/teacher"; fi

@@ -14,7 +14,7 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-# ---------------------------------------------------------------- shared data fixtures (engineer D)
+# ---------------------------------------------------------------- shared data fixtures
 import pytest  # noqa: E402
 
 

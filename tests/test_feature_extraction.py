@@ -1,4 +1,4 @@
-"""`python -m leader_jax.train.features`: store over every split, interrupted extraction resumes to the
+"""`python -m leader_jax.train.extract_features`: store over every split, interrupted extraction resumes to the
 same bytes, manifest fingerprints, values equal to an eager teacher forward, missing ids are named."""
 import json
 
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from leader_jax.features import FeatureStore, MissingFeaturesError
+from leader_jax.feature_store import FeatureStore, MissingFeaturesError
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def _cfg(run, out, **kw):
 
 @pytest.fixture(scope="module")
 def stores(teacher_run):
-    from leader_jax.train.features import extract
+    from leader_jax.train.extract_features import extract
 
     root, _ = teacher_run
     first = extract(_cfg(root / "run", root / "resumed", stop_after_shards=3))
@@ -86,8 +86,8 @@ def test_store_covers_every_split_and_resumes(stores, teacher_run):
 def test_store_matches_teacher_outputs(stores, teacher_run):
     """probs equal the teacher's own validation predictions; hidden equals an eager forward."""
     from leader_jax.io import load_npz
-    from leader_jax.train.features import load_teacher_run
-    from leader_jax.train import common, data as tdata
+    from leader_jax.train.extract_features import load_teacher_run
+    from leader_jax.train import common, text_batches as tdata
     from leader_jax.train.teacher import build_teacher, encode_split, tokenizer_path
     from leader_jax.train.engine import _abstract
     from flax import nnx
@@ -124,7 +124,7 @@ def test_missing_ids_named(stores):
 
 def test_cli_errors(tmp_path):
     from leader_jax.cli import UserError
-    from leader_jax.train.features import extract
+    from leader_jax.train.extract_features import extract
 
     with pytest.raises(UserError, match="config.json not found"):
         extract(_cfg(tmp_path, tmp_path / "f"))

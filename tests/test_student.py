@@ -11,7 +11,7 @@ from flax import nnx
 from leader_jax import sharding
 from leader_jax.data.dataset import PreparedData, Sample, Vocab
 from leader_jax.data.records import Visit
-from leader_jax.features import FeatureStore, FeatureStoreWriter, MissingFeaturesError
+from leader_jax.feature_store import FeatureStore, FeatureStoreWriter, MissingFeaturesError
 from leader_jax.io import load_npz, read_jsonl
 from leader_jax.models.student import LossConfig, build_student, info_nce, init_student, kd_loss, student_loss
 from leader_jax.train import packing

@@ -121,3 +121,38 @@ def write_json(path: Path, obj: Any) -> None:
 def mesh_info(mesh) -> dict[str, Any]:
     return {"mesh": dict(mesh.shape), "devices": jax.device_count(), "processes": jax.process_count(),
             "platform": jax.devices()[0].platform}
+
+
+# Fields that may change between a run and its resume without changing what is trained.
+RESUME_FREE_FIELDS = ("out", "resume", "stop_after", "verbosity")
+
+
+def config_hash(cfg: ConfigDict, ignore: tuple[str, ...] = RESUME_FREE_FIELDS) -> str:
+    """sha256 of the config with every field whose last name is in `ignore` removed (at any depth):
+    the part of a run's identity that a resume must not change."""
+    import hashlib
+
+    def strip(d):
+        if isinstance(d, dict):
+            return {k: strip(v) for k, v in sorted(d.items()) if k not in ignore}
+        return d
+
+    blob = json.dumps(strip(json.loads(cfg.to_json_best_effort())), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def run_identity(cfg: ConfigDict, data_fingerprint: str) -> dict[str, str]:
+    """What a checkpoint records about the run that wrote it: the prepared data and the config."""
+    return {"data_fingerprint": str(data_fingerprint), "config_hash": config_hash(cfg)}
+
+
+def check_identity(stored: dict, current: dict[str, str], run: Path, fresh_hint: str) -> None:
+    """Refuse to resume a run whose prepared data or config changed (UserError naming what changed and
+    how to start afresh). Checkpoints written before identities were stored (no keys) are accepted."""
+    changed = [k for k in ("data_fingerprint", "config_hash") if k in stored and stored[k] != current[k]]
+    if changed:
+        what = {"data_fingerprint": "the prepared data (another folder, split or seed)",
+                "config_hash": "the config"}
+        raise UserError(f"{run}: cannot resume, {' and '.join(what[k] for k in changed)} changed since its "
+                        f"checkpoints were written ({', '.join(f'{k} {stored[k][:12]}… != {current[k][:12]}…' for k in changed)}); "
+                        f"start afresh with {fresh_hint} or a new --out folder")

@@ -44,8 +44,8 @@ def _cast_floating(tree, dtype):
 
 
 def stacked_batch_sharding(mesh, ndim: int) -> NamedSharding:
-    """[accum, B, ...] arrays: the micro-batch axis (1) over ("data", "fsdp")."""
-    return NamedSharding(mesh, P(None, ("data", "fsdp"), *([None] * (ndim - 2))))
+    """[accum, B, ...] arrays: the micro-batch axis (1) laid out by the rules table's "batch" entry."""
+    return shd.batch_sharding(mesh, ndim, batch_dim=1)
 
 
 _JIT_CACHE: dict[Any, Any] = {}   # compiled steps shared by engines of identical structure

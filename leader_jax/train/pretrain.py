@@ -27,7 +27,7 @@ from leader_jax.cli import UserError
 from leader_jax.io import progress
 from leader_jax.models import lora
 from leader_jax.models.teacher import causal_lm_loss
-from leader_jax.train import common, data as tdata, distributed
+from leader_jax.train import common, text_batches as tdata, distributed
 from leader_jax.train.engine import Checkpointer, Engine, StepTimer
 from leader_jax.train.optim import make_optimizer
 

@@ -353,7 +353,7 @@ class StudentTrainer:
         bucketed, padded reference path."""
         kernel = self.kernel if kernel is None else kernel
         if packed:
-            dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+            dp = sharding.batch_parallelism(self.mesh)
             key = (("flat",) if kernel else (tuple(tuple(int(x) for x in c) for c in caps), dp)) + (
                 int(batch_size), int(enc.diag.shape[1]))
             if key not in _LAYOUTS:
@@ -454,10 +454,8 @@ def train(cfg, data, store, out: str | Path) -> dict:
         teacher_dim = store.hidden_dim
     caps = bucket_caps(np.concatenate([e.needs for e in encs.values()]), cfg.bucket_levels)
     mesh = make_mesh(cfg.mesh_shape)
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
     for name in ("batch_size", "eval_batch_size"):
-        if getattr(cfg, name) % dp:
-            raise ValueError(f"config.{name}={getattr(cfg, name)} must be divisible by data*fsdp={dp}")
+        sharding.check_batch_size(f"config.{name}", getattr(cfg, name), mesh)
     mcfg = model_config(cfg, data.vocab, teacher_dim)
     trainer = StudentTrainer(mcfg, loss_config(cfg), lr=cfg.lr, seed=cfg.seed, mesh=mesh,
                              inference_kernel=cfg.get("inference_kernel", "auto"))
@@ -534,7 +532,7 @@ def train(cfg, data, store, out: str | Path) -> dict:
 def main(cfg, args: list[str]) -> None:
     from leader_jax.cli import UserError
     from leader_jax.data.dataset import PreparedData
-    from leader_jax.features import FeatureStore, MissingFeaturesError
+    from leader_jax.feature_store import FeatureStore, MissingFeaturesError
 
     if args:
         raise UserError(f"unexpected positional arguments: {args}")

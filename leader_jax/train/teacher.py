@@ -19,11 +19,12 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
+from leader_jax import sharding as shd
 from leader_jax.cli import UserError
 from leader_jax.io import progress
 from leader_jax.models import lora
 from leader_jax.models.teacher import HeadParam, Teacher, bce_loss
-from leader_jax.train import common, data as tdata, distributed
+from leader_jax.train import common, text_batches as tdata, distributed
 from leader_jax.train.engine import Checkpointer, Engine, StepTimer, place
 from leader_jax.train.optim import make_optimizer
 
@@ -150,9 +151,11 @@ def train(cfg: ConfigDict) -> dict[str, Any]:
     val_enc = encode_split(cfg, prepared, "val", tok, special)
 
     tr = cfg.train
-    n_dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    if tr.micro_batch % n_dp:
-        raise UserError(f"train.micro_batch={tr.micro_batch} must be a multiple of data*fsdp={n_dp}")
+    try:
+        shd.check_batch_size("train.micro_batch", tr.micro_batch, mesh)
+        shd.check_batch_size("eval.batch_size", cfg.eval.batch_size, mesh)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     teacher = build_teacher(cfg, prepared.vocab.n_med, mesh)
     try:
         tx, schedule = make_optimizer(ConfigDict({**tr.optim.to_dict(), "total_steps": tr.steps}))
@@ -176,8 +179,6 @@ def train(cfg: ConfigDict) -> dict[str, Any]:
             "train_history_dropped": train_enc.n_history_dropped,
             "train_dropped_overlong": len(train_enc.dropped_ids)}
     eval_bs = int(cfg.eval.batch_size)
-    if eval_bs % n_dp:
-        raise UserError(f"eval.batch_size={eval_bs} must be a multiple of data*fsdp={n_dp}")
 
     timer, t_start = StepTimer(), time.perf_counter()
     stop = int(tr.stop_after) if tr.get("stop_after") else None

@@ -1,8 +1,8 @@
-"""`python -m leader_jax.train.features --config.run_dir=RUN`: the teacher feature store for distillation.
+"""`python -m leader_jax.train.extract_features --config.run_dir=RUN`: the teacher feature store for distillation.
 
 Rebuilds the teacher of RUN from `RUN/config.json`, restores its best (or last) checkpoint, and runs
 sharded inference over every split, writing per sample id the pooled final-norm hidden state (float16)
-and the drug probabilities with `leader_jax.features.FeatureStoreWriter` (atomic shards, manifest with
+and the drug probabilities with `leader_jax.feature_store.FeatureStoreWriter` (atomic shards, manifest with
 the teacher checkpoint and dataset fingerprints). Every sample is encoded with the evaluation settings
 (`data.eval_max_len`, no sample dropped), so the store covers every id of every split. An interrupted
 extraction resumes: ids already in a shard are skipped.
@@ -19,10 +19,11 @@ import numpy as np
 import optax
 from ml_collections import ConfigDict
 
+from leader_jax import sharding as shd
 from leader_jax.cli import UserError
-from leader_jax.features import FeatureStoreWriter
+from leader_jax.feature_store import FeatureStoreWriter
 from leader_jax.io import progress
-from leader_jax.train import common, data as tdata, distributed
+from leader_jax.train import common, text_batches as tdata, distributed
 from leader_jax.train.engine import Checkpointer, Engine, _abstract
 from leader_jax.train.teacher import (build_teacher, encode_split, teacher_loss, teacher_predict,
                                       tokenizer_path, trainable_filter)
@@ -74,9 +75,10 @@ def extract(cfg: ConfigDict) -> dict[str, Any]:
         prepared = PreparedData.load(tcfg.data_dir)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise UserError(f"cannot load prepared data {tcfg.data_dir} (from {run}/config.json): {e}") from None
-    n_dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.batch_size % n_dp:
-        raise UserError(f"batch_size={cfg.batch_size} must be a multiple of data*fsdp={n_dp}")
+    try:
+        shd.check_batch_size("batch_size", cfg.batch_size, mesh)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     teacher = build_teacher(tcfg, prepared.vocab.n_med, mesh)
     engine = Engine(teacher, trainable_filter(tcfg), optax.identity(), mesh, teacher_loss,
                     frozen_dtype=tcfg.model.frozen_dtype, predict_fn=teacher_predict, tx_key="inference")

@@ -103,7 +103,7 @@ class FeatureStore:
         mpath = self.path / MANIFEST
         if not mpath.exists():
             raise FileNotFoundError(f"feature store {self.path}: {MANIFEST} not found "
-                                    f"(run `python -m leader_jax.train.features` first)")
+                                    f"(run `python -m leader_jax.train.extract_features` first)")
         self.manifest = json.loads(mpath.read_text())
         if self.manifest.get("format") != FORMAT:
             raise ValueError(f"feature store {self.path}: unknown format {self.manifest.get('format')!r}")

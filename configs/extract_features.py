@@ -1,4 +1,4 @@
-"""Feature-store extraction: `python -m leader_jax.train.features --config.run_dir=RUN`.
+"""Feature-store extraction: `python -m leader_jax.train.extract_features --config.run_dir=RUN`.
 
 Runs the finished teacher of RUN (its best checkpoint, or the last one) over every split and writes the
 pooled hidden state (float16) + drug probabilities per sample id into RUN/features (or --config.out)."""
