@@ -119,3 +119,56 @@ def test_init_model_sharded_and_state_shardings():
     for (path, s), (_, var) in zip(nnx.to_flat_state(sh), nnx.to_flat_state(nnx.state(model))):
         assert var.get_value().sharding == s, path
     assert model.embed_tokens.embedding[...].sharding.spec == P("tensor", "fsdp")
+
+
+def test_batch_layout_follows_rules_table(monkeypatch):
+    """Editing the one "batch" entry of LOGICAL_AXIS_RULES changes the batch layout of a real compiled train
+    step (nothing re-derives it by hand), and the batch-size check follows it."""
+    import optax
+    from leader_jax.train.engine import Engine, place, stacked_batch_sharding
+
+    mesh = shd.make_mesh((2, 4, 1))
+    assert stacked_batch_sharding(mesh, 3).spec == P(None, ("data", "fsdp"), None)
+    assert shd.batch_parallelism(mesh) == 8
+    with pytest.raises(ValueError, match="micro_batch=6 must be a multiple of the batch parallelism 8"):
+        shd.check_batch_size("micro_batch", 6, mesh)
+
+    def compiled_batch_spec():
+        model = place(nnx.Linear(4, 2, rngs=nnx.Rngs(0)), mesh)
+
+        def loss_fn(m, b):
+            return jnp.mean((m(b["x"]) - b["y"]) ** 2), {}
+
+        eng = Engine(model, nnx.Param, optax.sgd(0.1), mesh, loss_fn)
+        sh = stacked_batch_sharding(mesh, 3)
+        batch = {"x": jax.device_put(np.ones((1, 8, 4), np.float32), sh),
+                 "y": jax.device_put(np.zeros((1, 8, 2), np.float32), sh)}
+        loss = eng.train_step(batch)["loss"]
+        assert np.isfinite(loss)
+        fn = eng._build_train(batch)
+        args = (eng.trainable, eng.opt_state, getattr(eng, "rng_keys", getattr(eng, "keys", None)), eng.frozen,
+                batch, jnp.asarray(0, jnp.int32))
+        with jax.set_mesh(mesh):
+            in_sh = fn.lower(*args).compile().input_shardings[0]
+        return in_sh[4]["x"].spec
+
+    assert compiled_batch_spec() == P(None, ("data", "fsdp"), None)
+    rules = tuple((k, "data") if k == "batch" else (k, v) for k, v in shd.LOGICAL_AXIS_RULES)
+    monkeypatch.setattr(shd, "LOGICAL_AXIS_RULES", rules)
+    assert stacked_batch_sharding(mesh, 3).spec == P(None, "data", None)
+    assert shd.batch_sharding(mesh, 2).spec == P("data", None)
+    assert shd.batch_parallelism(mesh) == 2
+    shd.check_batch_size("micro_batch", 6, mesh)       # a multiple of 2 is now fine
+    assert compiled_batch_spec() == P(None, "data", None)
+
+
+def test_indivisible_dim_warns_once(caplog):
+    """A dim that a mesh axis does not divide falls back to replication with one warning naming it."""
+    mesh = shd.make_mesh((1, 8, 1))
+    caplog.set_level("WARNING", logger="leader_jax.sharding")
+    spec = shd._fit_spec(P("fsdp", None), (12, 3), mesh, "parameter ('embed', None) of shape (12, 3)")
+    assert spec == P(None, None)
+    shd._fit_spec(P("fsdp", None), (12, 3), mesh, "parameter ('embed', None) of shape (12, 3)")
+    msgs = [r.getMessage() for r in caplog.records if "not divisible" in r.getMessage()]
+    assert len(msgs) == 1 and "('embed', None) of shape (12, 3)" in msgs[0] and "'fsdp'" in msgs[0]
+    assert shd._fit_spec(P("fsdp", None), (16, 3), mesh) == P("fsdp", None)

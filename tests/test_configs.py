@@ -1,0 +1,52 @@
+"""Every bundled config file (and every preset it defines) passes its stage's `validate_config` as shipped,
+and each validator rejects a bad value with a one-line UserError naming the field. A new config file that
+no stage claims fails here, so no config can drift out of validation."""
+import importlib
+import importlib.util
+
+import pytest
+
+from leader_jax.cli import CONFIG_DIR, UserError, load_config
+
+# config file -> the stage module whose validate_config checks it
+STAGE_OF = {
+    "data.py": "leader_jax.data.prepare",
+    "baselines.py": "leader_jax.baselines",
+    "eval.py": "leader_jax.eval",
+    "pretrain_tiny.py": "leader_jax.train.pretrain",
+    "pretrain_llama7b.py": "leader_jax.train.pretrain",
+    "teacher_tiny.py": "leader_jax.train.teacher",
+    "teacher_llama7b.py": "leader_jax.train.teacher",
+    "teacher_llama3_8b.py": "leader_jax.train.teacher",
+    "extract_features.py": "leader_jax.train.extract_features",
+    "student.py": "leader_jax.train.student",
+    "demo.py": "leader_jax.demo",
+}
+
+
+def _names_with_presets():
+    out = []
+    for path in sorted(CONFIG_DIR.glob("*.py")):
+        if path.name.startswith("_"):
+            continue
+        out.append(path.name)
+        spec = importlib.util.spec_from_file_location(f"cfgmod_{path.stem}", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        out += [f"{path.name}:{p}" for p in sorted(getattr(mod, "PRESETS", {}))]
+    return out
+
+
+ALL = _names_with_presets()
+
+
+def test_every_config_file_has_a_stage():
+    files = {n.partition(":")[0] for n in ALL}
+    assert files == set(STAGE_OF), f"configs without a validating stage: {sorted(files - set(STAGE_OF))}"
+    assert "student.py:mimic4" in ALL
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_bundled_config_validates(name):
+    cfg = load_config(name)
+    importlib.import_module(STAGE_OF[name.partition(":")[0]]).validate_config(cfg)
