@@ -26,6 +26,38 @@ from leader_jax.cli import UserError
 from leader_jax.io import JsonlLogger, atomic_write_json, progress
 
 NAMES = ("most_frequent", "previous_visit", "cooccurrence", "logistic")
+SPLITS = ("train", "val", "test")
+
+
+def validate_config(cfg: ConfigDict) -> None:
+    """Raise UserError on a bad baselines setting (data_dir itself is checked when it is loaded)."""
+    def bad(field, value, want):
+        raise UserError(f"baselines config: --config.{field}={value!r} is invalid; {want}")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_num(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if cfg.name not in NAMES:
+        bad("name", cfg.name, f"{cfg.name!r} is not a baseline; choose one of {list(NAMES)}")
+    if not isinstance(cfg.data_dir, str):
+        bad("data_dir", cfg.data_dir, "expected a folder path (a string)")
+    splits = cfg.splits
+    if (isinstance(splits, str) or not isinstance(splits, (tuple, list)) or not splits
+            or any(s not in SPLITS for s in splits) or len(set(splits)) != len(splits)):
+        bad("splits", splits, f"expected distinct split names from {list(SPLITS)}, e.g. ('val', 'test')")
+    if not is_int(cfg.seed) or cfg.seed < 0:
+        bad("seed", cfg.seed, "expected an integer >= 0")
+    lc = cfg.logistic
+    if not is_num(lc.lr) or not lc.lr > 0:
+        bad("logistic.lr", lc.lr, "expected a learning rate > 0")
+    if not is_num(lc.l2) or not lc.l2 >= 0:
+        bad("logistic.l2", lc.l2, "expected an L2 strength >= 0")
+    for f in ("steps", "eval_every"):
+        if not is_int(lc[f]) or lc[f] < 1:
+            bad(f"logistic.{f}", lc[f], "expected an integer >= 1")
 
 
 # ---------------------------------------------------------------- features
@@ -193,8 +225,7 @@ def run_baseline(cfg: ConfigDict, out: str | Path) -> dict[str, Any]:
     from leader_jax.data.dataset import PreparedData
     from leader_jax.eval import write_predictions
 
-    if cfg.name not in FITTERS:
-        raise UserError(f"--config.name={cfg.name!r} is not a baseline; choose one of {list(NAMES)}")
+    validate_config(cfg)
     if not cfg.data_dir:
         raise UserError("set --config.data_dir=PREPARED (a folder written by the data stage)")
     try:
@@ -205,6 +236,7 @@ def run_baseline(cfg: ConfigDict, out: str | Path) -> dict[str, Any]:
     log = JsonlLogger(out / "metrics.jsonl")
     fit = FITTERS[cfg.name]
     predict = fit(data, cfg, log) if cfg.name == "logistic" else fit(data, cfg)
+    fingerprint = data.fingerprint()
     written = {}
     for split in cfg.splits:
         samples = data.splits.get(split, [])
@@ -212,10 +244,10 @@ def run_baseline(cfg: ConfigDict, out: str | Path) -> dict[str, Any]:
             continue
         p = np.clip(predict(samples), 0.0, 1.0).astype(np.float32)
         write_predictions(out, split, ids=[s.id for s in samples], y_true=data.labels(samples), y_prob=p,
-                          single_visit=[s.single_visit for s in samples])
+                          single_visit=[s.single_visit for s in samples], data_fingerprint=fingerprint)
         written[split] = len(samples)
     meta = {"data_dir": str(Path(cfg.data_dir).resolve()), "model": f"baseline:{cfg.name}",
-            "dataset": data.dataset, "data_fingerprint": data.fingerprint(), "n_med": data.vocab.n_med,
+            "dataset": data.dataset, "data_fingerprint": fingerprint, "n_med": data.vocab.n_med,
             "predictions": written, "config": cfg.to_dict()}
     atomic_write_json(out / "run.json", meta)
     return meta
@@ -224,6 +256,7 @@ def run_baseline(cfg: ConfigDict, out: str | Path) -> dict[str, Any]:
 def main(cfg: ConfigDict, args: list[str]) -> None:
     if args:
         raise UserError(f"unexpected arguments {args}")
+    validate_config(cfg)
     out = cfg.get("out")
     if not out:
         raise UserError("set --out RUN (the run folder to write predictions into)")

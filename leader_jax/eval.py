@@ -8,12 +8,21 @@ Reads `RUN/predictions/<split>.npz` (the format every model writes, see `write_p
 `RUN/eval/<split>.json` (metrics.summarize structure + a validation-tuned threshold section),
 `RUN/eval/<split>.md` and PNG plots (`<split>_groups.png`, `<split>_calibration.png`,
 `<split>_drug_f1.png`). The tuned threshold is chosen on `predictions/<val_split>.npz` only.
+
+Every predictions file is checked against the prepared data before it is scored (`check_predictions`):
+the exact id set of the split, `y_true` equal to the prepared labels, the single-visit flags, and the
+prepared data's fingerprint when the file records one. A model's own labels are never trusted. Rows in
+another order are put back into the prepared split's order (ids are checked exactly, so this is
+lossless), so that every model's rounds draw the same samples.
 """
 from __future__ import annotations
 
 import json
+import warnings
+import zipfile
+import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from ml_collections import ConfigDict
@@ -23,6 +32,7 @@ from leader_jax.cli import UserError
 from leader_jax.io import atomic_save_npz, atomic_write_bytes, atomic_write_json, atomic_write_text, load_npz
 
 PRED_KEYS = ("ids", "y_true", "y_prob", "single_visit")
+SPLITS = ("train", "val", "test")
 DDI_GRAPH_NOTE = "TWOSIDES ATC-3, legacy TOPK=40 (least-frequent) selection"
 
 
@@ -66,6 +76,9 @@ def _validate(arr: dict[str, np.ndarray], path: Path) -> None:
                         f"column {c} holds {yp[r, c]}")
     if len(set(arr["ids"].tolist())) != n:
         raise UserError(f"{path}: sample ids are not unique")
+    fp = arr.get("data_fingerprint")
+    if fp is not None and (fp.shape != () or fp.dtype.kind not in "US"):
+        raise UserError(f"{path}: data_fingerprint must be one string, got {fp.dtype} {fp.shape}")
 
 
 def read_predictions(path: str | Path) -> dict[str, np.ndarray]:
@@ -75,8 +88,10 @@ def read_predictions(path: str | Path) -> dict[str, np.ndarray]:
         raise UserError(f"predictions file not found: {path}")
     try:
         arr = load_npz(path)
-    except (ValueError, OSError) as e:
-        raise UserError(f"{path}: not a readable .npz predictions file ({e})") from None
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        # a truncated or corrupt file: zipfile/zlib errors become one line naming the file
+        raise UserError(f"{path}: not a readable .npz predictions file (truncated or corrupt? "
+                        f"{type(e).__name__}: {e})") from None
     _validate(arr, path)
     arr["ids"] = arr["ids"].astype(str)
     arr["single_visit"] = arr["single_visit"].astype(bool)
@@ -88,47 +103,148 @@ def read_run_json(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
 
 
-# ---------------------------------------------------------------- dataset side (vocab, DDI)
+# ---------------------------------------------------------------- dataset side (vocab, DDI, labels)
 
-def load_dataset_info(data_dir: str | Path) -> dict[str, Any]:
-    """Drug tokens, display names, DDI matrix and split ids of a prepared-data folder."""
+def load_prepared(data_dir: str | Path):
+    """`PreparedData.load` with errors as UserError naming the folder."""
     from leader_jax.data.dataset import PreparedData  # imported late: the data stage is heavy
 
     data_dir = Path(data_dir)
     if not data_dir.exists():
         raise UserError(f"prepared data folder not found: {data_dir} (from run.json data_dir or --config.data_dir)")
     try:
-        data = PreparedData.load(data_dir)
+        return PreparedData.load(data_dir)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise UserError(f"cannot load prepared data {data_dir}: {e}") from None
-    return {"dataset": data.dataset, "med": list(data.vocab.med), "names": dict(data.vocab.names),
-            "ddi": data.ddi, "split_ids": {k: [s.id for s in v] for k, v in data.splits.items()}}
+
+
+def _examples(ids: list[str], k: int = 3) -> str:
+    return ", ".join(repr(i) for i in ids[:k]) + (", …" if len(ids) > k else "")
+
+
+def check_predictions(pred: dict[str, np.ndarray], data, split: str, path: Path, data_dir: str | Path,
+                      fingerprint: Callable[[], str]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Check a predictions file against the prepared data it claims to score; returns the arrays in
+    the prepared split's order and what was checked. Raises UserError naming `path` and what differs:
+    the recorded data fingerprint (`fingerprint()` is called only when the file records one), the
+    drug count, the id set (missing / foreign ids), y_true against `data.labels`, single_visit.
+    A file without a fingerprint (written by an older version) is accepted with a warning."""
+    where = f"{path} (checked against the {split!r} split of {data_dir})"
+    recorded = pred.get("data_fingerprint")
+    if recorded is None:
+        warnings.warn(f"{path}: records no data fingerprint (written by an older version); cannot confirm "
+                      f"it was made on this prepared data; re-run the model to record one", stacklevel=2)
+        fp_status = "not recorded"
+    else:
+        current = fingerprint()
+        if str(recorded) != current:
+            raise UserError(f"{where}: the predictions were made on prepared data with fingerprint "
+                            f"{str(recorded)[:16]}…, but this folder's fingerprint is {current[:16]}…; "
+                            "re-run the model on this data, or point run.json data_dir at the data it used")
+        fp_status = "match"
+    n_med = data.vocab.n_med
+    if pred["y_true"].shape[1] != n_med:
+        raise UserError(f"{where}: {pred['y_true'].shape[1]} drug columns, but the prepared vocabulary has {n_med}")
+    samples = data.splits.get(split, [])
+    want = [s.id for s in samples]
+    got = pred["ids"].tolist()
+    pos = {i: k for k, i in enumerate(got)}
+    missing = [i for i in want if i not in pos]
+    known = set(want)
+    foreign = [i for i in got if i not in known]
+    if missing or foreign:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} of the split's {len(want)} sample(s) missing, e.g. {_examples(missing)}")
+        if foreign:
+            parts.append(f"{len(foreign)} sample id(s) are not in the prepared data's {split!r} split, "
+                         f"e.g. {_examples(foreign)}")
+        raise UserError(f"{where}: " + "; ".join(parts))
+    order = np.fromiter((pos[i] for i in want), dtype=np.int64, count=len(want))
+    reordered = bool((order != np.arange(len(want))).any())
+    if reordered:
+        pred = {k: (v[order] if k in PRED_KEYS else v) for k, v in pred.items()}
+    try:
+        y = data.labels(samples)
+    except ValueError as e:
+        raise UserError(f"{where}: {e}") from None
+    bad = np.flatnonzero((pred["y_true"] != y).any(axis=1))
+    if bad.size:
+        raise UserError(f"{where}: y_true differs from the prepared labels for {bad.size} of {len(want)} "
+                        f"sample(s), e.g. {_examples([want[i] for i in bad])}")
+    sv = np.array([s.single_visit for s in samples], dtype=bool)
+    bad = np.flatnonzero(pred["single_visit"] != sv)
+    if bad.size:
+        raise UserError(f"{where}: single_visit differs from the prepared data for {bad.size} of {len(want)} "
+                        f"sample(s), e.g. {_examples([want[i] for i in bad])}")
+    return pred, {"file": str(path), "n": len(want), "data_fingerprint": fp_status, "reordered": reordered}
 
 
 # ---------------------------------------------------------------- evaluation
 
+def validate_config(cfg: ConfigDict) -> None:
+    """Raise UserError on a bad eval setting (the run folder itself is checked when it is used)."""
+    def bad(field, value, want):
+        raise UserError(f"eval config: --config.{field}={value!r} is invalid; {want}")
+
+    for f in ("split", "val_split"):
+        if cfg[f] not in SPLITS:
+            bad(f, cfg[f], f"choose one of {list(SPLITS)}")
+    for f in ("run_dir", "data_dir"):
+        if not isinstance(cfg[f], str):
+            bad(f, cfg[f], "expected a folder path (a string)")
+    for f in ("require_data", "tune_threshold", "plots"):
+        if not isinstance(cfg[f], bool):
+            bad(f, cfg[f], "expected True or False")
+    if not isinstance(cfg.threshold, (int, float)) or isinstance(cfg.threshold, bool) or not 0 < cfg.threshold <= 1:
+        bad("threshold", cfg.threshold, "a drug is predicted when p >= threshold: use 0 < threshold <= 1")
+    step = cfg.threshold_step
+    if not isinstance(step, (int, float)) or isinstance(step, bool) or not 0 < step <= 0.5:
+        bad("threshold_step", step, "use 0 < threshold_step <= 0.5 (the tuning grid is step, 2·step, …, < 1)")
+    for f, lo in (("rounds", 0), ("seed", 0), ("n_top_drugs", 1)):
+        if not isinstance(cfg[f], int) or isinstance(cfg[f], bool) or cfg[f] < lo:
+            bad(f, cfg[f], f"expected an integer >= {lo}")
+    if not isinstance(cfg.fraction, (int, float)) or isinstance(cfg.fraction, bool) or not 0 < cfg.fraction <= 1:
+        bad("fraction", cfg.fraction, "the share of samples drawn per round: use 0 < fraction <= 1")
+
+
 def evaluate_run(cfg: ConfigDict) -> dict[str, Any]:
-    """Evaluate one run directory; writes RUN/eval/<split>.{json,md} and plots; returns the JSON dict."""
-    if not cfg.get("run_dir"):
+    """Evaluate one run directory; writes RUN/eval/<split>.{json,md} and plots; returns the JSON dict.
+    Every predictions file read is first checked against the prepared data (`check_predictions`)."""
+    validate_config(cfg)
+    if not cfg.run_dir:
         raise UserError("set --config.run_dir=RUN (the run folder holding predictions/<split>.npz)")
     run = Path(cfg.run_dir)
     split = cfg.split
-    pred = read_predictions(run / "predictions" / f"{split}.npz")
+    pred_path = run / "predictions" / f"{split}.npz"
+    pred = read_predictions(pred_path)
     meta = read_run_json(run)
-    data_dir = cfg.get("data_dir") or meta.get("data_dir")
-    info = None
+    data_dir = cfg.data_dir or meta.get("data_dir")
+    data = info = None
+    checks: dict[str, Any] = {}
     if data_dir:
-        info = load_dataset_info(data_dir)
-        _check_against_data(pred, info, split, run)
-    elif cfg.get("require_data", True):
+        data = load_prepared(data_dir)
+        info = {"dataset": data.dataset, "med": list(data.vocab.med), "names": dict(data.vocab.names)}
+        fingerprint_cache: list[str] = []
+
+        def fingerprint() -> str:          # hashes every prepared file: computed at most once per eval
+            if not fingerprint_cache:
+                fingerprint_cache.append(data.fingerprint())
+            return fingerprint_cache[0]
+
+        pred, checks[split] = check_predictions(pred, data, split, pred_path, data_dir, fingerprint)
+    elif cfg.require_data:
         raise UserError(f"{run / 'run.json'} names no data_dir; pass --config.data_dir=PREPARED "
-                        "(needed for the drug vocabulary and the DDI matrix)")
-    ddi = info["ddi"] if info is not None else None
+                        "(needed for the drug vocabulary, the DDI matrix and the label check)")
+    ddi = data.ddi if data is not None else None
 
     result = M.summarize(pred["y_true"], pred["y_prob"], threshold=cfg.threshold, ddi=ddi,
                          single_visit=pred["single_visit"], rounds=cfg.rounds, fraction=cfg.fraction,
@@ -142,31 +258,21 @@ def evaluate_run(cfg: ConfigDict) -> dict[str, Any]:
         val = read_predictions(val_path)
         if val["y_true"].shape[1] != pred["y_true"].shape[1]:
             raise UserError(f"{val_path}: {val['y_true'].shape[1]} drugs, but {split} has {pred['y_true'].shape[1]}")
+        if data is not None:
+            val, checks[cfg.val_split] = check_predictions(val, data, cfg.val_split, val_path, data_dir, fingerprint)
         t = M.best_threshold(val["y_true"], val["y_prob"], M.threshold_grid(cfg.threshold_step))
         tuned = M.summarize(pred["y_true"], pred["y_prob"], threshold=t, ddi=ddi,
                             single_visit=pred["single_visit"], rounds=cfg.rounds, fraction=cfg.fraction,
                             seed=cfg.seed)
         result["tuned"] = {"source": cfg.val_split, "threshold": t,
                            **{k: tuned[k] for k in ("overall", "single_visit", "multi_visit", "rounds")}}
+    result["checks"] = checks or None
 
     out = run / "eval"
     atomic_write_json(out / f"{split}.json", result)
     plots = write_plots(out, split, pred, result, info, cfg.n_top_drugs) if cfg.plots else []
     atomic_write_text(out / f"{split}.md", report_markdown(result, plots))
     return result
-
-
-def _check_against_data(pred, info, split, run) -> None:
-    n_med = len(info["med"])
-    if pred["y_true"].shape[1] != n_med:
-        raise UserError(f"{run}/predictions/{split}.npz has {pred['y_true'].shape[1]} drug columns, but the "
-                        f"prepared data's vocabulary has {n_med}")
-    if split in info["split_ids"]:
-        known = set(info["split_ids"][split])
-        unknown = [i for i in pred["ids"].tolist() if i not in known]
-        if unknown:
-            raise UserError(f"{run}/predictions/{split}.npz: {len(unknown)} sample id(s) are not in the prepared "
-                            f"data's {split!r} split, e.g. {unknown[:3]}")
 
 
 # ---------------------------------------------------------------- reports
@@ -195,6 +301,19 @@ def _group_tables(res: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _check_lines(checks: dict[str, Any] | None) -> list[str]:
+    if not checks:
+        return ["- predictions NOT checked against prepared data (no data_dir; labels are the model's own)"]
+    lines = []
+    for split, c in checks.items():
+        note = (f"- `{split}` predictions checked against the prepared data: ids ({c['n']}), labels and "
+                f"single-visit flags match; data fingerprint {c['data_fingerprint']}")
+        if c["reordered"]:
+            note += "; rows were in another order and were put in the prepared split's order"
+        lines.append(note)
+    return lines
+
+
 def report_markdown(res: dict[str, Any], plots: list[str]) -> str:
     rc = res["rounds_config"]
     lines = [f"# Evaluation: {res.get('model') or 'model'} on {res['split']}", "",
@@ -203,7 +322,9 @@ def report_markdown(res: dict[str, Any], plots: list[str]) -> str:
              f"- threshold: predicted when p >= {res['threshold']:g}",
              f"- DDI graph: {res.get('ddi_graph') or 'none (DDI rate not defined)'}",
              f"- rounds: {rc['rounds']} draws of {rc['fraction']:.0%} without replacement, seed {rc['seed']}; "
-             "mean ± std (ddof 0)", "", "## Point estimates (all samples of each group)", ""]
+             "mean ± std (ddof 0)"]
+    lines += _check_lines(res.get("checks"))
+    lines += ["", "## Point estimates (all samples of each group)", ""]
     lines += _group_tables(res)
     lines += ["", "## Rounds (mean ± std)", "",
               "| group | " + " | ".join(c for _, c in _COLS) + " |", "|---|" + "---:|" * len(_COLS)]
@@ -297,25 +418,34 @@ def compare_runs(run_dirs: list[str], split: str = "test") -> str:
     lines = ["| " + " | ".join(head) + " |", "|---|---|---:|" + "---:|" * (len(head) - 3)]
     for rd in run_dirs:
         path = Path(rd) / "eval" / f"{split}.json"
+        rerun = f"re-run `python -m leader_jax.eval --config.run_dir={rd} --config.split={split}`"
         if not path.is_file():
-            raise UserError(f"{path} not found; run `python -m leader_jax.eval --config.run_dir={rd} "
-                            f"--config.split={split}` first")
-        r = json.loads(path.read_text())
-        rr, gr = r["rounds"], r["rounds_by_group"]
-        t = r.get("tuned")
-        row = [Path(rd).name, str(r.get("model") or "–"), f"{r['threshold']:g}",
-               _pm(rr["jaccard"]), _pm(rr["prauc"]), _pm(rr["f1"]), _pm(rr["roc_auc"]),
-               _pm(rr["ddi_rate"]), _pm(rr["avg_meds"], 2),
-               _pm(gr["single_visit"]["prauc"]), _pm(gr["multi_visit"]["prauc"]),
-               f"{t['threshold']:g}" if t else "–",
-               _pm(t["rounds"]["jaccard"]) if t else "–", _pm(t["rounds"]["f1"]) if t else "–"]
-        lines.append("| " + " | ".join(row) + " |")
+            raise UserError(f"{path} not found; {rerun} first")
+        try:
+            r = json.loads(path.read_text())
+            lines.append("| " + " | ".join(_compare_row(Path(rd).name, r)) + " |")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: not valid JSON ({e}); {rerun}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise UserError(f"{path}: not an eval result ({type(e).__name__}: {e}); {rerun}") from None
     return "\n".join(lines)
+
+
+def _compare_row(name: str, r: dict[str, Any]) -> list[str]:
+    rr, gr = r["rounds"], r["rounds_by_group"]
+    t = r.get("tuned")
+    return [name, str(r.get("model") or "–"), f"{r['threshold']:g}",
+            _pm(rr["jaccard"]), _pm(rr["prauc"]), _pm(rr["f1"]), _pm(rr["roc_auc"]),
+            _pm(rr["ddi_rate"]), _pm(rr["avg_meds"], 2),
+            _pm(gr["single_visit"]["prauc"]), _pm(gr["multi_visit"]["prauc"]),
+            f"{t['threshold']:g}" if t else "–",
+            _pm(t["rounds"]["jaccard"]) if t else "–", _pm(t["rounds"]["f1"]) if t else "–"]
 
 
 def main(cfg: ConfigDict, args: list[str]) -> None:
     from absl import flags
 
+    validate_config(cfg)
     if flags.FLAGS.compare:
         print(compare_runs(args, cfg.split))
         return
@@ -326,6 +456,10 @@ def main(cfg: ConfigDict, args: list[str]) -> None:
     print(f"{res['run']} [{res['split']}] θ={res['threshold']:g}: Jaccard {_pm(res['rounds']['jaccard'])}, "
           f"PRAUC {_pm(res['rounds']['prauc'])}, F1 {_pm(res['rounds']['f1'])}, "
           f"DDI {_fmt(o['ddi_rate'])}, #meds {_fmt(o['avg_meds'], 2)} -> {res['run']}/eval/{res['split']}.md")
+    for split, c in (res["checks"] or {}).items():
+        if c["reordered"]:
+            print(f"note: {c['file']} lists its rows in another order than the prepared {split!r} split; "
+                  "they were put in the prepared order before scoring")
 
 
 def run_cli(argv: list[str] | None = None) -> None:

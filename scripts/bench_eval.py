@@ -1,4 +1,4 @@
-"""Time leader_jax.metrics.summarize on 100,000 samples × 300 drugs with 10 rounds (issue 3 budget: ≤ 10 s
+"""Time leader_jax.metrics.summarize on 100,000 samples × 300 drugs with 10 rounds (budget: ≤ 10 s
 on 2 cores). Random labels (~5 % positive), random probabilities, a random DDI matrix and visit groups,
 i.e. the full work `python -m leader_jax.eval` does per threshold. Prints every run and the median.
 

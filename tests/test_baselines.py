@@ -3,6 +3,7 @@ small random prepared dataset; the logistic model must learn a planted code→dr
 the project's prediction format."""
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter, defaultdict
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from leader_jax import baselines as B
+from leader_jax.cli import UserError
 from leader_jax.data.dataset import PreparedData, Sample, Vocab
 from leader_jax.data.records import Visit
 from leader_jax.eval import read_predictions
@@ -162,3 +164,22 @@ def test_all_baselines_through_eval_on_synthetic(prepared_synthetic, tmp_path):
                           single_visit=pred["single_visit"], rounds=3)
         assert res["overall"] == ref["overall"] and res["model"] == f"baseline:{name}"
         assert res["overall"]["ddi_rate"] is not None and res["tuned"]["source"] == "val"
+        # the predictions record the prepared data's fingerprint; eval checked both files against it
+        assert str(pred["data_fingerprint"]) == PreparedData.load(prepared_synthetic).fingerprint()
+        assert {k: c["data_fingerprint"] for k, c in res["checks"].items()} == {"test": "match", "val": "match"}
+
+
+@pytest.mark.parametrize("field,value", [("name", "nope"), ("splits", ("val", "dev")), ("splits", ()),
+                                         ("splits", ("test", "test")), ("seed", -1), ("logistic.lr", 0.0),
+                                         ("logistic.l2", -1e-3), ("logistic.steps", 0),
+                                         ("logistic.eval_every", 0), ("data_dir", None)])
+def test_validate_config_rejects_bad_values(field, value):
+    B.validate_config(get_config())                 # the bundled config is valid as is
+    cfg = get_config()
+    *parent, leaf = field.split(".")
+    node = cfg
+    for part in parent:
+        node = node[part]
+    node[leaf] = value
+    with pytest.raises(UserError, match=re.escape(f"--config.{field}={value!r} is invalid")):
+        B.validate_config(cfg)

@@ -19,31 +19,39 @@ REPO = Path(__file__).resolve().parents[1]
 N_MED = 12
 
 
-def _prepared(tmp: Path, n: dict[str, int], ddi: bool) -> Path:
-    """A tiny prepared folder: only ids, drug vocabulary and DDI matter to the evaluator."""
+def _prepared(tmp: Path, n: dict[str, int], ddi: bool) -> tuple[Path, dict]:
+    """A tiny prepared folder with random target drug sets and single/multi-visit samples; returns it
+    and, per split, the labels and single-visit flags the evaluator checks predictions against."""
     rng = np.random.default_rng(0)
     med = tuple(f"atc:D{i:02d}" for i in range(N_MED))
-    splits = {}
+    splits, truth = {}, {}
     for split, k in n.items():
+        y = (rng.random((k, N_MED)) < 0.3).astype(np.uint8)
+        y[np.arange(k), rng.integers(0, N_MED, k)] = 1
+        sv = rng.random(k) < 0.4
+        history = (Visit("h", "0", ("dx9:1",), (), (med[0],)),)
         splits[split] = [Sample(id=f"{split}{i}", patient_id=f"{split}{i}",
-                                visits=(Visit(f"v{i}", "0", ("dx9:1",), (), (med[i % N_MED],)),))
+                                visits=(() if sv[i] else history)
+                                + (Visit(f"v{i}", "1", ("dx9:1",), (), tuple(np.array(med)[y[i] == 1])),))
                          for i in range(k)]
+        truth[split] = (y, sv)
     a = None
     if ddi:
         a = np.triu((rng.random((N_MED, N_MED)) < 0.3).astype(np.uint8), 1)
         a = a | a.T
     vocab = Vocab(diag=("dx9:1",), proc=(), med=med, names={m: f"drug {m[-2:]}" for m in med})
-    return PreparedData("synthetic", vocab, a, splits, {}).save(tmp / "prepared")
+    data = PreparedData("synthetic", vocab, a, splits, {})
+    return data.save(tmp / "prepared"), truth
 
 
-def _write_run(run: Path, data_dir: Path, split: str, n: int, seed: int, model="toy"):
+def _write_run(run: Path, data_dir: Path, split: str, truth: dict, seed: int, model="toy"):
     rng = np.random.default_rng(seed)
-    y = (rng.random((n, N_MED)) < 0.3).astype(np.uint8)
-    y[np.arange(n), rng.integers(0, N_MED, n)] = 1
+    y, sv = truth[split]
+    n = len(y)
     # informative but noisy probabilities, so thresholds matter
     p = np.clip(0.35 * y + 0.65 * rng.random((n, N_MED)), 0, 1).astype(np.float32)
-    sv = rng.random(n) < 0.4
-    write_predictions(run, split, ids=[f"{split}{i}" for i in range(n)], y_true=y, y_prob=p, single_visit=sv)
+    write_predictions(run, split, ids=[f"{split}{i}" for i in range(n)], y_true=y, y_prob=p, single_visit=sv,
+                      data_fingerprint=PreparedData.load(data_dir).fingerprint())
     (run / "run.json").write_text(json.dumps({"data_dir": str(data_dir), "model": model}))
     return y, p, sv
 
@@ -51,10 +59,10 @@ def _write_run(run: Path, data_dir: Path, split: str, n: int, seed: int, model="
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval")
-    data_dir = _prepared(tmp, {"train": 2, "val": 80, "test": 120}, ddi=True)
+    data_dir, truth = _prepared(tmp, {"train": 2, "val": 80, "test": 120}, ddi=True)
     a, b = tmp / "run_a", tmp / "run_b"
-    arrays = {"val": _write_run(a, data_dir, "val", 80, 1), "test": _write_run(a, data_dir, "test", 120, 2)}
-    _write_run(b, data_dir, "test", 120, 3, model="other")
+    arrays = {"val": _write_run(a, data_dir, "val", truth, 1), "test": _write_run(a, data_dir, "test", truth, 2)}
+    _write_run(b, data_dir, "test", truth, 3, model="other")
     env = {**os.environ, "PYTHONPATH": str(REPO), "LEADER_JAX_NO_PROGRESS": "1"}
     for run in (a, b):
         r = subprocess.run([sys.executable, "-m", "leader_jax.eval", f"--config.run_dir={run}",
@@ -77,6 +85,9 @@ def test_eval_json_matches_metrics(runs):
     assert res["overall"]["ddi_rate"] is not None and res["ddi_graph"]
     assert res["single_visit"]["n"] == sv.sum() and res["multi_visit"]["n"] == (~sv).sum()
     assert res["model"] == "toy" and res["n_med"] == N_MED
+    # both files were checked against the prepared data (the val file feeds the tuned threshold)
+    assert {k: (c["n"], c["data_fingerprint"], c["reordered"]) for k, c in res["checks"].items()} == {
+        "test": (120, "match", False), "val": (80, "match", False)}
 
 
 def test_tuned_threshold_comes_from_val_only(runs):
