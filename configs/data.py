@@ -13,7 +13,7 @@ def get_config() -> ConfigDict:
     c.raw_dir = ""                     # "" -> the bundled demo data/<dataset>_demo
     c.out = ""                         # set by --out
     c.protocol = "last_visit"          # last_visit (paper) | per_visit
-    c.visit_order = "admittime"        # admittime (ties: hadm_id) | hadm_id (reproduces the original, D2)
+    c.visit_order = "admittime"        # admittime (parsed; ties: hadm_id) | hadm_id (the original's order)
     c.split = "random"                 # random (seeded patient shuffle) | sequential (original)
     c.split_seed = 42
     c.split_fractions = (0.8, 0.1, 0.1)

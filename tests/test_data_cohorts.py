@@ -90,7 +90,7 @@ def test_namespaces_and_icd_versions(m3, m4):
         assert m4.vocab.names[t] == titles[(kind[2:], code)]
     short = {r["icd9_code"]: r["short_title"] for r in rows(DATA / "mimic3_demo/D_ICD_PROCEDURES.csv.gz")}
     lead0 = [t for t in m3.vocab.proc if t[4] == "0"]
-    assert lead0 and all(m3.vocab.names[t] == short[t[4:]] for t in lead0)   # leading zeros kept (D16)
+    assert lead0 and all(m3.vocab.names[t] == short[t[4:]] for t in lead0)   # leading zeros kept
 
 
 @pytest.mark.parametrize("order", ["admittime", "hadm_id"])
@@ -101,7 +101,7 @@ def test_visit_order_matches_raw_admissions(m3, order):
     for x in d.all_samples():
         ids = [v.id for v in x.visits]
         assert ids == sorted(ids, key=key)
-    if order == "hadm_id":  # the target changes for some multi-visit patients (D2)
+    if order == "hadm_id":  # the target changes for some multi-visit patients
         base = {x.patient_id: x.target.id for x in m3.all_samples()}
         changed = sum(base[x.patient_id] != x.target.id for x in d.all_samples())
         expect = sum(max((v.id for v in x.visits), key=int) != x.target.id for x in m3.all_samples())

@@ -1,4 +1,5 @@
-"""Exact prompt strings (leader.md §3, D1 fixed): pinned by hand-written expectations."""
+"""Exact prompt strings (the LEADER template, history diagnoses per visit): pinned by hand-written
+expectations."""
 from leader_jax.data.dataset import Sample, Vocab
 from leader_jax.data.prompts import build_prompt
 from leader_jax.data.records import Visit

@@ -26,7 +26,7 @@ DEFAULT_TOP_K_MED = {"eicu": 0}   # dataset default for top_k_med=-1 (0 = no lim
 
 
 def top_k(cfg, key: str, dataset: str) -> int:
-    k = int(cfg.get(key, 0) or 0)
+    k = int(cfg[key])
     if key == "top_k_med" and k < 0:
         k = DEFAULT_TOP_K_MED.get(dataset, 300)
     return max(k, 0)
@@ -142,10 +142,9 @@ def compute_stats(raw: RawCohort, patients, splits, vocab: Vocab, ddi, cfg) -> d
                 if ddi is not None else
                 {"available": False, "graph": None,
                  "note": "no DDI graph exists for this drug vocabulary; DDI rate is not available (not zero)"}),
-        "config": {k: _plain(cfg.get(k)) for k in ("protocol", "visit_order", "split", "split_seed",
-                                                   "split_fractions", "top_k_diag", "top_k_proc", "top_k_med",
-                                                   "min_admissions", "sample_fraction", "sample_seed")
-                   if cfg.get(k) is not None},
+        "config": {k: _plain(cfg[k]) for k in ("protocol", "visit_order", "split", "split_seed",
+                                               "split_fractions", "top_k_diag", "top_k_proc", "top_k_med",
+                                               "min_admissions", "sample_fraction", "sample_seed")},
     }
     stats["config"]["top_k_med"] = top_k(cfg, "top_k_med", raw.dataset)
     return stats

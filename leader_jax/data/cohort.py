@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from leader_jax.data.records import Patient
-from leader_jax.data.tables import Drops
+from leader_jax.data.tables import NA_MARKERS, Drops
 
 UNKNOWN = "unknown"
 AGE_BUCKETS = ((18, "<18"), (30, "18-29"), (40, "30-39"), (50, "40-49"), (60, "50-59"),
@@ -49,7 +49,8 @@ def id_key(s: str):
 
 
 def clean_value(v) -> str:
+    """A profile value as written; missing, blank or a missing-value marker (NaN, NULL, ...) -> "unknown"."""
     if v is None or (isinstance(v, float) and v != v):
         return UNKNOWN
     s = str(v).strip()
-    return s if s else UNKNOWN
+    return s if s and s.lower() not in NA_MARKERS else UNKNOWN

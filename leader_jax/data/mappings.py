@@ -1,6 +1,6 @@
 """Drug mappings for MIMIC: NDC → RxCUI → ATC-4 → ATC-3 (first 4 characters), as in GAMENet/LEADER,
 plus WHO ATC-3 display names and the legacy ATC-3 DDI graph (TWOSIDES, TOPK=40 least-frequent
-selection; leader.md D5). The NDC map is a Python dict literal read with `ast.literal_eval`."""
+selection, as the original). The NDC map is a Python dict literal read with `ast.literal_eval`."""
 from __future__ import annotations
 
 import ast

@@ -8,7 +8,9 @@ Writes vocab.json, samples.jsonl, splits.json, ddi.npy (MIMIC), stats.json, repo
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from leader_jax.cli import REPO_ROOT, UserError, run
@@ -16,29 +18,65 @@ from leader_jax.data.build import build
 from leader_jax.data.dataset import PreparedData
 
 DEMO = {"mimic3": "mimic3_demo", "mimic4": "mimic4_demo", "eicu": "eicu_demo", "synthetic": None}
+CHOICES = {"protocol": ("last_visit", "per_visit"), "visit_order": ("admittime", "hadm_id"),
+           "split": ("random", "sequential")}
 
 
 def default_config(**overrides):
     """configs/data.py's config with field overrides (for scripts and tests)."""
-    import importlib.util
+    from leader_jax.cli import load_config
 
-    from leader_jax.cli import config_path
+    return load_config("data.py", overrides)
 
-    spec = importlib.util.spec_from_file_location("leader_jax_data_config", config_path("data.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.get_config()
-    for k, v in overrides.items():
-        if k not in cfg:
-            raise UserError(f"unknown data config field {k!r}")
-        setattr(cfg, k, v)
-    return cfg
+
+def validate_config(cfg) -> None:
+    """Refuse a bad data config before any table is read (UserError naming the field and value)."""
+    def bad(field, why):
+        raise UserError(f"config {field}={cfg[field]!r}: {why}")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if cfg.dataset not in DEMO:
+        bad("dataset", f"expected one of {', '.join(DEMO)}")
+    for field, allowed in CHOICES.items():
+        if cfg[field] not in allowed:
+            bad(field, f"expected one of {', '.join(allowed)}")
+    if not isinstance(cfg.raw_dir, str):
+        bad("raw_dir", "expected a folder path (a string; '' = the bundled demo)")
+    if cfg.dataset == "synthetic" and not cfg.raw_dir:
+        bad("raw_dir", "required for dataset=synthetic (a folder written by data.synthetic.write_mimic3)")
+    fr = cfg.split_fractions
+    try:
+        ok = (len(fr) == 3 and all(float(x) >= 0 for x in fr) and abs(sum(float(x) for x in fr) - 1.0) <= 1e-6)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        bad("split_fractions", "need 3 non-negative numbers summing to 1")
+    for field in ("split_seed", "sample_seed"):
+        if not is_int(cfg[field]):
+            bad(field, "expected an integer")
+    if not is_int(cfg.top_k_med) or cfg.top_k_med < -1:
+        bad("top_k_med", "expected a positive size, 0 (no limit) or -1 (dataset default)")
+    for field in ("top_k_diag", "top_k_proc"):
+        if not is_int(cfg[field]) or cfg[field] < 0:
+            bad(field, "expected a positive size or 0 (no limit)")
+    if not is_int(cfg.min_admissions) or cfg.min_admissions < 1:
+        bad("min_admissions", "expected an integer >= 1")
+    if isinstance(cfg.sample_fraction, bool) or not isinstance(cfg.sample_fraction, (int, float)) \
+            or not 0 < cfg.sample_fraction <= 1:
+        bad("sample_fraction", "expected a number in (0, 1]")
+    if not isinstance(cfg.eicu_drop_cancelled, bool):
+        bad("eicu_drop_cancelled", "expected True or False")
+    for field in ("ndc_map", "rxcui_atc", "ddi_pairs", "atc_names"):
+        if not isinstance(cfg[field], str) or not cfg[field]:
+            bad(field, "expected a file path")
 
 
 def prepare_to(out, **overrides) -> PreparedData:
     """Prepare with configs/data.py + overrides and save into `out` (what the CLI does)."""
     data = prepare(default_config(**overrides))
-    data.save(out)
+    save(data, out)
     return data
 
 
@@ -49,7 +87,7 @@ def read_raw(cfg):
     ds = cfg.dataset
     if ds not in DEMO:
         raise UserError(f"config dataset={ds!r}: expected one of {', '.join(DEMO)}")
-    raw_dir = cfg.get("raw_dir") or ""
+    raw_dir = cfg.raw_dir
     if not raw_dir:
         if DEMO[ds] is None:
             raise UserError("config raw_dir: required for dataset=synthetic")
@@ -64,23 +102,50 @@ def read_raw(cfg):
 
 
 def prepare(cfg) -> PreparedData:
-    """Read, build and return the prepared dataset (no writing)."""
+    """Validate the config, read, build and return the prepared dataset (no writing)."""
+    validate_config(cfg)
     try:
         return build(read_raw(cfg), cfg)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
 
 
+def check_writable(out) -> None:
+    """Fail fast (before reading any table) when the output folder cannot be written: the folder
+    itself when it exists, else its nearest existing parent, must accept a new file."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path}: output exists and is not a folder")
+    probe = [p for p in (path, *path.parents) if p.exists()][0]
+    targets = [probe] if probe != path else [path, path.parent]   # atomic replace needs both
+    for d in targets:
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".leader_jax_probe.", dir=d)
+            os.close(fd)
+            os.unlink(tmp)
+        except OSError as e:
+            raise UserError(f"{path}: output folder is not writable ({d}: {e.strerror or e})") from None
+
+
+def save(data: PreparedData, out) -> None:
+    """data.save(out), with refusals and OS errors (read-only folder, full disk) as a UserError."""
+    try:
+        data.save(out)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    except OSError as e:
+        raise UserError(f"{out}: cannot write the prepared folder ({e.strerror or e})") from None
+
+
 def main(cfg, argv) -> None:
     if argv:
         raise UserError(f"unexpected arguments: {argv}")
-    if not cfg.get("out"):
+    if not cfg.out:
         raise UserError("--out OUT is required")
+    validate_config(cfg)
+    check_writable(cfg.out)
     data = prepare(cfg)
-    try:
-        data.save(cfg.out)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    save(data, cfg.out)
     s = data.stats
     summary = {k: s[k] for k in ("dataset", "n_patients", "n_visits", "n_samples", "n_diag", "n_proc", "n_med",
                                  "avg_meds_per_visit", "n_single_visit")}

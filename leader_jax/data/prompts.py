@@ -1,5 +1,5 @@
-"""LEADER teacher prompts (leader.md §3) with the history-diagnosis defect D1 fixed: every history
-line shows its own visit's diagnoses.
+"""LEADER teacher prompts (the paper's template) with the original code's history-diagnosis defect
+fixed: every history line shows its own visit's diagnoses (the original repeated the target visit's).
 
 Template (" \\n " is a real newline with a space on each side; the prompt ends with one space):
     The patient has <VISIT_NUM> times ICU visits. \\n <HISTORY> In this visit, he has diagnosis: <DX>;

@@ -1,7 +1,7 @@
 """Patient and visit records: the dataset-independent output of every raw-table reader.
 
 Codes are namespaced tokens (`dx9:4019`, `px10:0DTJ4ZZ`, `atc:N02B`, `hicl:2812`, ...) so that a
-diagnosis never shares an id with a procedure and ICD-9 never collides with ICD-10 (leader.md D4).
+diagnosis never shares an id with a procedure and ICD-9 never collides with ICD-10.
 """
 from __future__ import annotations
 

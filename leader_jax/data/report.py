@@ -33,9 +33,14 @@ def render_report(data, notes=()) -> str:
                             if ddi["available"] else ddi["note"] + "."), "",
               "## Dropped (reason: rows, or visits/patients where the reason says so)", ""]
     if s["dropped"]:
-        lines += ["| reason | count |", "|---|---|"] + [f"| {k} | {v} |" for k, v in s["dropped"].items()]
+        lines += ["| reason | count |", "|---|---|"] + [f"| {_cell(k)} | {v} |" for k, v in s["dropped"].items()]
     else:
         lines.append("nothing dropped")
     for n in notes:
         lines += ["", n]
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    """A markdown table cell: `|` escaped (drop reasons may quote an eICU path string as an example)."""
+    return text.replace("|", "\\|")
