@@ -6,12 +6,16 @@ Layout (format "leader_jax.features/1")::
     STORE/<split>/<00000>.npz      ids (str), hidden (float16 [n, D]), probs (float32 [n, n_med])
 
 Each shard is written atomically, so a shard that exists is complete: an interrupted extraction resumes
-by skipping the ids already stored. The student reads hidden states by sample id and gets a clear error
-naming the ids the store lacks.
+by skipping the ids already stored. A shard damaged afterwards (truncated by a copy or a full disk) is
+named in a ValueError by the reader, and the writer's `done_ids` deletes it (with a warning), so running
+the extraction again repairs the store. The student reads hidden states by sample id and gets a clear
+error naming the ids the store lacks.
 """
 from __future__ import annotations
 
 import json
+import logging
+import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -19,8 +23,25 @@ import numpy as np
 
 from leader_jax.io import atomic_save_npz, atomic_write_json, load_npz
 
+log = logging.getLogger(__name__)
+
 FORMAT = "leader_jax.features/1"
 MANIFEST = "manifest.json"
+
+
+def read_shard(path: Path, hidden_dim: int, n_med: int) -> dict[str, np.ndarray]:
+    """The arrays of one shard; ValueError naming the file when it does not load (e.g. truncated by a
+    full disk or a copy) or its arrays do not fit together."""
+    try:
+        arrays = load_npz(path)
+        ids, hidden, probs = arrays["ids"], arrays["hidden"], arrays["probs"]
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise ValueError(f"feature store shard {path} cannot be read ({type(e).__name__}: {e})") from None
+    n = len(ids)
+    if hidden.shape != (n, hidden_dim) or probs.shape != (n, n_med):
+        raise ValueError(f"feature store shard {path} has arrays of shapes ids {ids.shape}, hidden "
+                         f"{hidden.shape}, probs {probs.shape} (expected ({n}, {hidden_dim}) / ({n}, {n_med}))")
+    return arrays
 
 
 class MissingFeaturesError(KeyError):
@@ -63,10 +84,17 @@ class FeatureStoreWriter:
         return sorted((self.path / split).glob("[0-9]*.npz"))
 
     def done_ids(self, split: str) -> set[str]:
+        """Ids of `split` held by readable shards. A shard that does not load (truncated, corrupt, wrong
+        shapes) is deleted with a warning naming it, so its ids are extracted again."""
         done: set[str] = set()
         for shard in self._shards(split):
-            with np.load(shard, allow_pickle=False) as z:
-                done.update(z["ids"].tolist())
+            try:
+                arrays = read_shard(shard, self.hidden_dim, self.n_med)
+            except ValueError as e:
+                log.warning("%s: deleting it, its samples are extracted again", e)
+                shard.unlink()
+                continue
+            done.update(arrays["ids"].tolist())
         return done
 
     def write_shard(self, split: str, ids: Sequence[str], hidden: np.ndarray, probs: np.ndarray) -> Path:
@@ -76,7 +104,8 @@ class FeatureStoreWriter:
         if hidden.shape != (n, self.hidden_dim) or probs.shape != (n, self.n_med):
             raise ValueError(f"shard shapes {hidden.shape}/{probs.shape} do not match "
                              f"({n}, {self.hidden_dim})/({n}, {self.n_med})")
-        index = len(self._shards(split))
+        existing = self._shards(split)           # next number after the last (a deleted shard leaves a gap)
+        index = int(existing[-1].stem) + 1 if existing else 0
         return atomic_save_npz(self.path / split / f"{index:05d}.npz", ids=np.asarray(list(ids), dtype=str),
                                hidden=hidden.astype(np.float16), probs=probs)
 
@@ -87,8 +116,7 @@ class FeatureStoreWriter:
             shards = self._shards(split_dir.name)
             n = 0
             for shard in shards:
-                with np.load(shard, allow_pickle=False) as z:
-                    n += len(z["ids"])
+                n += len(read_shard(shard, self.hidden_dim, self.n_med)["ids"])
             manifest["splits"][split_dir.name] = {
                 "n": n, "shards": [str(s.relative_to(self.path)) for s in shards]}
         manifest["complete"] = True
@@ -129,7 +157,10 @@ class FeatureStore:
             info = self.manifest["splits"].get(split)
             if info is None:
                 raise MissingFeaturesError(self.path, split, [f"<whole split {split!r}>"], 1)
-            parts = [load_npz(self.path / s) for s in info["shards"]]
+            try:
+                parts = [read_shard(self.path / s, self.hidden_dim, self.n_med) for s in info["shards"]]
+            except ValueError as e:
+                raise ValueError(f"{e}; re-run the extraction to repair the store") from None
             if parts:
                 data = {k: np.concatenate([p[k] for p in parts]) for k in ("ids", "hidden", "probs")}
             else:

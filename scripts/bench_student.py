@@ -74,19 +74,21 @@ def main() -> None:
 
     import jax
     from configs.student import get_config
-    from leader_jax.train import student as ts
+    from leader_jax.io import progress
+    from leader_jax.train import student_inputs as si
+    from leader_jax.train import student_trainer as st
 
     cfg = get_config()
     t0 = time.perf_counter()
     samples, vocab = make_samples(args.patients, seed=0)
     t_make = time.perf_counter() - t0
-    t_enc, _ = median_time(lambda: ts.encode_samples(samples, vocab, cfg.max_visits), 1)
-    enc = ts.encode_samples(samples, vocab, cfg.max_visits)
+    t_enc, _ = median_time(lambda: si.encode_samples(samples, vocab, cfg.model.max_visits), 1)
+    enc = si.encode_samples(samples, vocab, cfg.model.max_visits)
     enc.teacher = np.random.default_rng(1).standard_normal((len(enc), args.teacher_dim)).astype(np.float16)
-    caps = ts.bucket_caps(enc.needs, cfg.bucket_levels)
-    buckets = ts.assign_buckets(enc.needs, caps)
-    trainer = ts.StudentTrainer(ts.model_config(cfg, vocab, args.teacher_dim), ts.loss_config(cfg),
-                                lr=cfg.lr, seed=0)
+    caps = si.bucket_caps(enc.needs, cfg.model.bucket_levels)
+    buckets = si.assign_buckets(enc.needs, caps)
+    trainer = st.StudentTrainer(st.model_config(cfg, vocab, args.teacher_dim), st.loss_config(cfg),
+                                lr=cfg.train.lr, seed=0)
     n_params = int(sum(np.prod(a.shape) for a in jax.tree.leaves(trainer.params)))
 
     # inference: warm up (compile every bucket), then time whole passes over all patients
@@ -131,14 +133,14 @@ def main() -> None:
     t = time.perf_counter()
     for b in np.unique(buckets):
         rows = np.nonzero(buckets == b)[0][: args.batch_size]
-        jax.block_until_ready(trainer.train_batch(ts.make_batch(enc, rows, caps[b], args.batch_size, True)))
+        jax.block_until_ready(trainer.train_batch(si.make_batch(enc, rows, caps[b], args.batch_size, True)))
     t_train_warm = time.perf_counter() - t
 
     def epoch():
-        plan = ts.batch_plan(buckets, args.batch_size, np.random.default_rng(trainer.step))
+        plan = si.batch_plan(buckets, args.batch_size, np.random.default_rng(trainer.step))
         parts = None
-        for b, rows in ts.progress(plan, desc="train epoch", unit="batch"):
-            parts = trainer.train_batch(ts.make_batch(enc, rows, caps[b], args.batch_size, True))
+        for planned in progress(plan, desc="train epoch", unit="batch"):
+            parts = trainer.train_batch(si.make_batch(enc, planned.rows, caps[planned.bucket], args.batch_size, True))
         jax.block_until_ready(parts)
 
     t_epoch, epoch_times = median_time(epoch, args.train_epochs) if args.train_epochs > 0 else (float("nan"), [])

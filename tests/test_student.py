@@ -1,6 +1,9 @@
 """LEADER(S) student: input encoding, padding invariance, losses vs independent numpy, overfitting,
-determinism, compile counts, the training CLI's outputs and its feature-store errors."""
+determinism, compile counts, the training CLI's outputs, resume (bit-identical to an uninterrupted run)
+and its feature-store errors. Config, run-folder, damaged-shard and sharding guards are in
+tests/test_student_runs.py."""
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,16 +19,21 @@ from leader_jax.io import load_npz, read_jsonl
 from leader_jax.models.student import LossConfig, build_student, info_nce, init_student, kd_loss, student_loss
 from leader_jax.train import packing
 from leader_jax.train import student as ts
+from leader_jax.train import student_inputs as si
+from leader_jax.train import student_trainer as st
 
 TEACHER_DIM = 16
 OVERFIT_EPOCHS = 60
 
 
 def _cfg(**kw):
+    """The small student every training test uses (same shapes, so compiled steps can be shared)."""
     from configs.student import get_config
     c = get_config()
-    c.update(dict(d=32, heads=2, ffn=64, head_hidden=64, batch_size=16, eval_batch_size=32, seed=0,
-                  dropout=0.1, attn_dropout=0.0, lr=5e-3, epochs=3, bucket_levels=1))
+    c.seed = 0
+    c.model.update(dict(d=32, heads=2, ffn=64, head_hidden=64, dropout=0.1, attn_dropout=0.0, bucket_levels=1))
+    c.train.update(dict(batch_size=16, lr=5e-3, epochs=3))
+    c.eval.batch_size = 32
     c.update(kw)
     return c
 
@@ -50,7 +58,7 @@ def store(data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def enc(data):
-    return ts.encode_samples(data.splits["train"], data.vocab, 10)
+    return si.encode_samples(data.splits["train"], data.vocab, 10)
 
 
 def _toy_vocab():
@@ -68,7 +76,7 @@ def test_keeps_last_n_visits_and_shifts_drugs():
     visits = tuple(_visit(j, [j % 20, (j + 1) % 20], [j % 10], [j % 8]) for j in range(13))
     s_long = Sample(id="p1", patient_id="p1", visits=visits, profile={"gender": "M"})
     s_one = Sample(id="p2", patient_id="p2", visits=(_visit(0, [5], [], [1, 2]),), profile={"gender": "X"})
-    e = ts.encode_samples([s_long, s_one], _toy_vocab(), max_visits=10)
+    e = si.encode_samples([s_long, s_one], _toy_vocab(), max_visits=10)
     assert e.n_visits.tolist() == [10, 1]
     assert e.single_visit.tolist() == [False, True]
     # kept visits are 3..12 (the last 10); the target (visit 12) is the last slot of the dx/px streams
@@ -91,21 +99,21 @@ def test_encoding_matches_prepared_labels_and_rejects_unknown_tokens(data, enc):
     v = _toy_vocab()
     bad = Sample(id="p9", patient_id="p9", visits=(_visit(0, [1], [99], [1]),))
     with pytest.raises(ValueError, match=r"sample p9: procedures token 'px9:99'"):
-        ts.encode_samples([bad], v)
+        si.encode_samples([bad], v)
 
 
 def test_buckets_cover_every_sample(enc):
-    caps = ts.bucket_caps(enc.needs, 3)
+    caps = si.bucket_caps(enc.needs, 3)
     assert 1 <= len(caps) <= 3
     assert caps[-1] == tuple(int(m) for m in np.maximum(enc.needs.max(0), 1))
-    b = ts.assign_buckets(enc.needs, caps)
+    b = si.assign_buckets(enc.needs, caps)
     assert (enc.needs <= np.asarray(caps)[b]).all()
     for i in range(len(enc)):       # the chosen bucket is the first that fits
         fits = [k for k, c in enumerate(caps) if (enc.needs[i] <= np.asarray(c)).all()]
         assert b[i] == fits[0]
     vol = [c[0] * sum(c[1:]) for c in caps]
     assert vol == sorted(vol) and len(set(b.tolist())) == len(caps)
-    assert ts.bucket_caps(np.array([[1, 3, 0, 5], [2, 9, 1, 2]]), 1) == [(2, 9, 1, 5)]
+    assert si.bucket_caps(np.array([[1, 3, 0, 5], [2, 9, 1, 2]]), 1) == [(2, 9, 1, 5)]
 
 
 # ------------------------------------------------------------------------------- model / losses
@@ -115,7 +123,7 @@ LC = LossConfig(alpha=0.7, align_weight=0.3, tau=0.5, align_loss="paper")
 @pytest.fixture(scope="module")
 def probe(data):
     """One jitted function returning every intermediate the loss tests need (compiled once per shape)."""
-    cfg = ts.model_config(_cfg(), data.vocab, TEACHER_DIM)
+    cfg = st.model_config(_cfg(), data.vocab, TEACHER_DIM)
     with sharding.use_mesh(None):
         graphdef, params = init_student(cfg, seed=3)
 
@@ -132,7 +140,7 @@ def probe(data):
 
 
 def _batch(enc, rows, cap, bs, teacher):
-    b = ts.make_batch(enc, np.asarray(rows), cap, bs)
+    b = si.make_batch(enc, np.asarray(rows), cap, bs)
     b["teacher"] = np.zeros((bs, TEACHER_DIM), np.float32)
     b["teacher"][: len(rows)] = teacher
     return b
@@ -153,7 +161,7 @@ def teacher():
 
 def test_padding_never_changes_outputs(probe, enc, tight, teacher):
     base = probe(_batch(enc, ROWS, tight, 16, teacher))
-    enc2 = ts.EncodedSplit(**{**enc.__dict__})    # same samples, 3 extra empty visit slots
+    enc2 = si.EncodedSplit(**{**enc.__dict__})    # same samples, 3 extra empty visit slots
     enc2.diag, enc2.proc, enc2.med = (np.pad(a, ((0, 0), (0, 3), (0, 0))) for a in (enc.diag, enc.proc, enc.med))
     loose = (13, tight[1] + 5, tight[2] + 3, tight[3] + 4)
     more = probe(_batch(enc2, ROWS, loose, 20, teacher))     # more visits, codes and padded batch rows
@@ -171,7 +179,7 @@ def test_kd_term_zero_when_projection_equals_teacher(probe, enc, tight, teacher)
 
 
 def _numpy_align(x, y, valid, tau, paper):
-    """Direct loop implementation of leader.md §6 (paper) / standard symmetric InfoNCE."""
+    """Direct loop implementation of the paper's alignment loss / standard symmetric InfoNCE."""
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
     yn = y / np.linalg.norm(y, axis=1, keepdims=True)
     idx = [i for i in range(len(x)) if valid[i]]
@@ -210,75 +218,165 @@ def test_total_loss_composition(probe, enc, tight, teacher):
     np.testing.assert_allclose(o["loss"], (bce + LC.alpha * kd + LC.align_weight * al).mean(), rtol=1e-5)
     # no-KD model: no projector at all (no parameters, no optimizer state for it)
     with sharding.use_mesh(None):
-        m2 = nnx.eval_shape(lambda: build_student(ts.model_config(_cfg(), _toy_vocab(), None), 0))
+        m2 = nnx.eval_shape(lambda: build_student(st.model_config(_cfg(), _toy_vocab(), None), 0))
     assert m2.kd_proj is None
 
 
 # ---------------------------------------------------------------------------------- training
+def _strip(records):
+    """metrics.jsonl records without the wall-clock field."""
+    return [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in records]
+
+
 @pytest.fixture(scope="module")
 def run_a(prepared_synthetic, store, tmp_path_factory):
+    """The reference run: 3 epochs straight through (its trainer's compiled steps are reused below)."""
     out = tmp_path_factory.mktemp("run") / "a"
     cfg = _cfg(data_dir=str(prepared_synthetic), features=str(store), out=str(out))
-    return cfg, ts.train(cfg, PreparedData.load(prepared_synthetic), FeatureStore(store), out), out
+    return cfg, ts.train(cfg), out
 
 
 def test_training_cli_is_deterministic_and_writes_predictions(prepared_synthetic, data, store, run_a, tmp_path):
-    cfg, s1, out_a = run_a
+    cfg, res, out_a = run_a
+    s1 = res.summary
     assert s1["compile_counts"] == {"train_step": 1, "predict_step": 1}   # 30 steps + 6 eval batches
-    s2 = ts.train(cfg, PreparedData.load(prepared_synthetic), FeatureStore(store), tmp_path / "b")
+    assert s1["finished"] and s1["epochs_run"] == 3
+    cfg_b = _cfg(data_dir=str(prepared_synthetic), features=str(store), out=str(tmp_path / "b"))
+    s2 = ts.train(cfg_b, steps=res.trainer.steps).summary
     assert s2["compile_counts"] == {"train_step": 1, "predict_step": 1}   # second run: nothing recompiled
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in rs]  # noqa: E731
     m1, m2 = read_jsonl(out_a / "metrics.jsonl"), read_jsonl(tmp_path / "b" / "metrics.jsonl")
-    assert strip(m1) == strip(m2) and len(m1) == cfg.epochs + 1
+    assert _strip(m1) == _strip(m2) and len(m1) == cfg.train.epochs + 1
     assert {"train_bce", "train_kd", "train_align", "val_prauc", "val_jaccard"} <= set(m1[0])
     epochs = [r for r in m1 if not r.get("final")]
     assert epochs[-1]["train_kd"] < epochs[0]["train_kd"]        # distillation is being learned
     for split in ("val", "test"):
-        p1, p2 = load_npz(out_a / "predictions" / f"{split}.npz"), load_npz(tmp_path / "b" / "predictions" / f"{split}.npz")
+        p1 = load_npz(out_a / "predictions" / f"{split}.npz")
+        p2 = load_npz(tmp_path / "b" / "predictions" / f"{split}.npz")
         np.testing.assert_array_equal(p1["y_prob"], p2["y_prob"])
         assert p1["ids"].tolist() == [s.id for s in data.splits[split]]
         np.testing.assert_array_equal(p1["y_true"], data.labels(data.splits[split]))
         assert p1["y_true"].dtype == np.uint8 and p1["y_prob"].dtype == np.float32
         assert p1["single_visit"].tolist() == [s.single_visit for s in data.splits[split]]
+        assert str(p1["data_fingerprint"]) == data.fingerprint()
     run = json.loads((out_a / "run.json").read_text())
     assert run["model"] == "student" and run["data_dir"] == str(prepared_synthetic.resolve())
+    config = json.loads((out_a / "config.json").read_text())      # written at start by common.start_run
+    assert config["model"]["d"] == 32 and config["train"]["epochs"] == 3
     best = max(r["val_prauc"] for r in m1 if not r.get("final"))
     assert run["val"]["prauc"] == pytest.approx(best)
     # the orbax checkpoint holds the best parameters: restoring reproduces the saved test predictions
-    tr = ts.StudentTrainer(ts.model_config(cfg, data.vocab, TEACHER_DIM), ts.loss_config(cfg), lr=cfg.lr, seed=99)
-    meta = ts.restore_params(out_a, tr)
-    assert meta["epoch"] == run["best_epoch"]
-    test_enc = ts.encode_samples(data.splits["test"], data.vocab)
-    probs = tr.predict(test_enc, [tuple(c) for c in run["buckets"]], cfg.eval_batch_size)
-    np.testing.assert_allclose(probs, load_npz(out_a / "predictions" / "test.npz")["y_prob"], atol=1e-6)
+    tr = st.StudentTrainer(st.model_config(cfg, data.vocab, TEACHER_DIM), st.loss_config(cfg), lr=cfg.train.lr,
+                           seed=99, steps=res.trainer.steps)
+    meta = st.restore_params(out_a, tr)
+    assert meta["best_epoch"] == run["best_epoch"] and meta["model"] == "student" and meta["epochs_done"] == 3
+    test_enc = si.encode_samples(data.splits["test"], data.vocab)
+    probs = tr.predict(test_enc, [tuple(c) for c in run["buckets"]], cfg.eval.batch_size)
+    np.testing.assert_array_equal(probs, load_npz(out_a / "predictions" / "test.npz")["y_prob"])
+
+
+def test_steps_of_another_structure_are_refused(data, run_a):
+    cfg, res, _ = run_a
+    with pytest.raises(ValueError, match="built for another model, loss, learning rate"):
+        st.StudentTrainer(st.model_config(cfg, data.vocab, TEACHER_DIM), st.loss_config(cfg), lr=1e-3, seed=0,
+                          steps=res.trainer.steps)
+
+
+# ------------------------------------------------------------------------------------------- resume
+@pytest.fixture(scope="module")
+def interrupted(prepared_synthetic, store, run_a, tmp_path_factory):
+    """A copy of the prepared data and a run on it stopped after 2 of 3 epochs (train.stop_after=2)."""
+    import shutil
+    root = tmp_path_factory.mktemp("resume")
+    data_copy = root / "prepared"
+    shutil.copytree(prepared_synthetic, data_copy)
+    cfg = _cfg(data_dir=str(data_copy), features=str(store), out=str(root / "run"))
+    cfg.train.stop_after = 2
+    summary = ts.train(cfg, steps=run_a[1].trainer.steps).summary
+    return cfg, summary, root / "run"
+
+
+def test_stopped_run_leaves_a_resumable_folder(interrupted):
+    _, summary, out = interrupted
+    assert not summary["finished"] and summary["epochs_run"] == 2
+    assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [0, 1]
+    assert not (out / "predictions").exists()
+    assert json.loads((out / "run.json").read_text()) == {"model": "student", "finished": False,
+                                                          "data_dir": summary["data_dir"]}
+
+
+def test_resume_refuses_changed_config_or_data(interrupted, run_a):
+    from leader_jax.cli import UserError
+    cfg, _, out = interrupted
+    changed = _cfg(**{**cfg.to_dict(), "loss": dict(tau=0.5)})
+    with pytest.raises(UserError, match=r"cannot resume, the config changed since its checkpoints were written"):
+        ts.train(changed)
+    stats = Path(cfg.data_dir) / "stats.json"
+    original = stats.read_bytes()
+    try:
+        stats.write_text(json.dumps({**json.loads(original), "note": "edited"}))
+        with pytest.raises(UserError, match=r"cannot resume, the prepared data \(another folder, split or seed\) "
+                                            r"changed.*--config.train.resume=False"):
+            ts.train(cfg)
+    finally:
+        stats.write_bytes(original)
+    assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [0, 1]    # nothing was touched
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(interrupted, run_a):
+    cfg, _, out = interrupted
+    _, straight, out_a = run_a
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "step": 30, "train_lo')       # torn last line: a kill while appending
+    resumed = _cfg(**cfg.to_dict())
+    resumed.train.stop_after = 0
+    summary = ts.train(resumed, steps=straight.trainer.steps).summary
+    assert summary["finished"] and summary["epochs_run"] == 3
+    assert summary["best_epoch"] == straight.summary["best_epoch"]
+    assert _strip(read_jsonl(out / "metrics.jsonl")) == _strip(read_jsonl(out_a / "metrics.jsonl"))
+    for split in ("val", "test"):
+        assert np.array_equal(load_npz(out / "predictions" / f"{split}.npz")["y_prob"],
+                              load_npz(out_a / "predictions" / f"{split}.npz")["y_prob"])
+
+
+def test_resume_false_starts_afresh_in_the_same_folder(interrupted, run_a, tmp_path):
+    import shutil
+    cfg, _, out = interrupted
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    fresh = _cfg(**{**cfg.to_dict(), "out": str(again), "train": dict(resume=False, stop_after=1)})
+    ts.train(fresh, steps=run_a[1].trainer.steps)
+    assert [r["epoch"] for r in read_jsonl(again / "metrics.jsonl")] == [0]   # the old epochs were replaced
+    assert ts.checkpoint_meta(again / "checkpoints")["epochs_done"] == 1
 
 
 def test_overfits_64_samples(data, enc, store, run_a):
     """Same model/loss/shapes as the CLI run (so the compiled step is reused), 64 training samples."""
-    cfg, summary, _ = run_a
+    cfg, res, _ = run_a
     rows = np.arange(64)
-    sub = ts.EncodedSplit(**{k: (v[rows] if isinstance(v, np.ndarray) else v) for k, v in enc.__dict__.items()})
-    ts.attach_teacher(sub, FeatureStore(store), "train")
-    caps = [tuple(c) for c in summary["buckets"]]
-    tr = ts.StudentTrainer(ts.model_config(cfg, data.vocab, TEACHER_DIM), ts.loss_config(cfg), lr=cfg.lr, seed=1)
-    buckets = ts.assign_buckets(sub.needs, caps)
+    sub = si.EncodedSplit(**{k: (v[rows] if isinstance(v, np.ndarray) else v) for k, v in enc.__dict__.items()})
+    si.attach_teacher(sub, FeatureStore(store), "train")
+    caps = [tuple(c) for c in res.summary["buckets"]]
+    tr = st.StudentTrainer(st.model_config(cfg, data.vocab, TEACHER_DIM), st.loss_config(cfg), lr=cfg.train.lr,
+                           seed=1, steps=res.trainer.steps)
+    buckets = si.assign_buckets(sub.needs, caps)
     for epoch in range(OVERFIT_EPOCHS):
-        for b, r in ts.batch_plan(buckets, cfg.batch_size, np.random.default_rng(epoch)):
-            tr.train_batch(ts.make_batch(sub, r, caps[b], cfg.batch_size, with_teacher=True))
-    m = ts.split_metrics(sub.labels, tr.predict(sub, caps, cfg.eval_batch_size), 0.5)
+        for planned in si.batch_plan(buckets, cfg.train.batch_size, np.random.default_rng(epoch)):
+            tr.train_batch(si.make_batch(sub, planned.rows, caps[planned.bucket], cfg.train.batch_size,
+                                         with_teacher=True))
+    m = st.split_metrics(sub.labels, tr.predict(sub, caps, cfg.eval.batch_size), 0.5)
     assert m["jaccard"] > 0.9, m
     assert tr.compile_counts() == {"train_step": 1, "predict_step": 1}
     # packed inference (real tokens only) == the bucketed, padded forward pass of the same model
-    np.testing.assert_allclose(tr.predict(sub, caps, cfg.eval_batch_size),
-                               tr.predict(sub, caps, cfg.eval_batch_size, packed=False), atol=1e-5)
+    np.testing.assert_allclose(tr.predict(sub, caps, cfg.eval.batch_size),
+                               tr.predict(sub, caps, cfg.eval.batch_size, packed=False), atol=1e-5)
 
 
 def test_pack_batches_cover_rows_and_budgets(enc):
-    caps = ts.bucket_caps(enc.needs, 1)
+    caps = si.bucket_caps(enc.needs, 1)
     lay = packing.pack_layout(enc, caps, 16)
     small = packing.PackLayout(batch=16, visit_width=lay.visit_width, visit_rows=3, width=lay.width, rows=(12, 10, 10))
     got = list(packing.pack_batches(enc, small))
-    assert np.concatenate([r for r, _ in got]).tolist() == list(range(len(enc)))
+    assert np.concatenate([b.rows for b in got]).tolist() == list(range(len(enc)))
     for rows, pb in got:
         assert len(rows) <= 16 and pb["diag_tok"].shape == (12, lay.width[0]) and pb["v_seg"].shape == (3, 10)
         for name in packing.STREAMS:   # every real code of every kept visit is packed exactly once, in order
@@ -292,7 +390,7 @@ def test_pack_flat_covers_every_token_once_within_budgets(enc):
     lay = packing.flat_layout(enc, 16)
     small = packing.FlatLayout(batch=16, visit_width=lay.visit_width, slots=24, tokens=(200, 80, 120))
     got = list(packing.pack_flat(enc, small))
-    assert np.concatenate([r for r, _ in got]).tolist() == list(range(len(enc)))
+    assert np.concatenate([b.rows for b in got]).tolist() == list(range(len(enc)))
     for rows, pb in got:
         nv = enc.n_visits[rows]
         assert len(rows) <= 16 and nv.sum() <= 24 and pb["v_pat"].shape == (24,)
@@ -314,23 +412,26 @@ def test_pack_flat_covers_every_token_once_within_budgets(enc):
 
 
 def test_trainer_kernel_switch(enc, data):
+    from ml_collections import ConfigDict
+
     from configs.student import get_config
+    from leader_jax.train.common import make_mesh
     cfg = get_config()
-    mcfg = ts.model_config(cfg, data.vocab, None)
-    caps = ts.bucket_caps(enc.needs, 2)
-    tr = ts.StudentTrainer(mcfg, ts.loss_config(cfg), lr=1e-3, seed=5)
+    mcfg = st.model_config(cfg, data.vocab, None)
+    caps = si.bucket_caps(enc.needs, 2)
+    tr = st.StudentTrainer(mcfg, st.loss_config(cfg), lr=1e-3, seed=5)
     assert tr.kernel and tr.kernel_note == ""
     fast = tr.predict(enc, caps, 32)
     np.testing.assert_allclose(fast, tr.predict(enc, caps, 32, kernel=False), atol=1e-5)
     np.testing.assert_allclose(fast, tr.predict(enc, caps, 32, packed=False), atol=1e-5)
-    off = ts.StudentTrainer(mcfg, ts.loss_config(cfg), lr=1e-3, seed=5, inference_kernel="off")
+    off = st.StudentTrainer(mcfg, st.loss_config(cfg), lr=1e-3, seed=5, inference_kernel="off", steps=tr.steps)
     assert not off.kernel and off.kernel_note == "inference_kernel=off"
-    two = ts.make_mesh((2, 1, 1))
-    assert ts.resolve_kernel("auto", mcfg, two) == (False, "the mesh has 2 devices (the kernel runs on one CPU device)")
+    two = make_mesh(ConfigDict(dict(mesh=(2, 1, 1))))
+    assert st.resolve_kernel("auto", mcfg, two) == (False, "the mesh has 2 devices (the kernel runs on one CPU device)")
     with pytest.raises(ValueError, match="inference_kernel=on, but the CPU kernel cannot be used: the mesh has 2"):
-        ts.resolve_kernel("on", mcfg, two)
+        st.resolve_kernel("on", mcfg, two)
     with pytest.raises(ValueError, match="inference_kernel must be one of"):
-        ts.resolve_kernel("fast", mcfg, two)
+        st.resolve_kernel("fast", mcfg, two)
 
 
 def test_feature_store_id_mismatch_is_a_clear_error(prepared_synthetic, data, tmp_path):
@@ -341,6 +442,9 @@ def test_feature_store_id_mismatch_is_a_clear_error(prepared_synthetic, data, tm
     w.write_shard("train", ids, np.zeros((len(ids), 4)), np.zeros((len(ids), data.vocab.n_med)))
     w.finalize()
     missing = [s.id for s in data.splits["train"]][:2]
+    with pytest.raises(MissingFeaturesError, match="2 of 3 requested sample ids are missing from split 'train'") as e:
+        FeatureStore(path).hidden("train", missing + ids[:1])
+    assert e.value.missing == missing
     cfg = _cfg(data_dir=str(prepared_synthetic), features=str(path), out=str(tmp_path / "run"))
     with pytest.raises(UserError, match="2 of 160 requested sample ids are missing") as e:
         ts.main(cfg, [])
@@ -353,4 +457,3 @@ def test_feature_store_id_mismatch_is_a_clear_error(prepared_synthetic, data, tm
         ts.main(cfg, [])
     with pytest.raises(UserError, match="features=STORE is required"):
         ts.main(_cfg(data_dir=str(prepared_synthetic), out=str(tmp_path / "run")), [])
-    assert MissingFeaturesError  # the error class the store raises (converted to a one-line UserError)

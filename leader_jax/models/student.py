@@ -1,8 +1,9 @@
 """LEADER(S): the small code-id student distilled from the teacher's pooled hidden state.
 
-Architecture (leader.md §5, with our fixes D3/D4/D7/D8/D9):
+Architecture (the paper's, with the fixes listed in docs/decisions.md):
 
-- separate embedding tables for diagnoses, procedures and drugs (id 0 = padding in each; D4);
+- separate embedding tables for diagnoses, procedures and drugs (id 0 = padding in each, so
+  no two code kinds share an embedding row);
 - three code-set encoders (one pre-LN transformer block each, masked mean over the codes of a set);
 - one visit encoder shared by the three streams (one block, masked mean over visits), with an
   optional learned recency embedding (`visit_position="recency"`; "none" reproduces the original);
@@ -335,7 +336,7 @@ class Student(nnx.Module):
         return self.head(jnp.concatenate(list(pooled), axis=-1))[1]
 
     def align_pair(self, target, profile_vec, key=None):
-        """Projected target-drug-set embedding x [B, d] and profile embedding y [B, d] (D8: the target
+        """Projected target-drug-set embedding x [B, d] and profile embedding y [B, d] (the target
         set is encoded with the drug stream's own table and encoder)."""
         e = self.encode_sets(self.med_emb, self.med_enc, target[:, None, :], Dropout(key))[:, 0]
         return self.align_x(e), self.align_y(profile_vec)
@@ -358,7 +359,7 @@ def info_nce(x, y, valid, tau: float = 1.0, paper: bool = False):
     """Per-sample symmetric contrastive loss between rows of x and y (positive pairs = same row).
 
     S_ij = cos(x_i, y_j)/τ; ℓ_j = [lse_i S_ij − S_jj] + [lse_i S_ji − S_jj] over valid i. Standard
-    InfoNCE includes the positive in each log-sum-exp; `paper=True` excludes it (the original, D7).
+    InfoNCE includes the positive in each log-sum-exp; `paper=True` excludes it (the original).
     Rows with valid=False get 0, and everything is 0 when fewer than 2 rows are valid."""
     xn = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-8)
     yn = y / jnp.maximum(jnp.linalg.norm(y, axis=-1, keepdims=True), 1e-8)
