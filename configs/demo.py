@@ -1,7 +1,7 @@
 """The one-command demo: `python -m leader_jax.demo [--config.dataset=mimic3|mimic4] [--config.fresh=True]`.
 
 Each stage block is that stage's own config file, loaded here, so any stage setting can be changed from
-the demo's command line: e.g. `--config.teacher.train.steps=100` or `--config.student.epochs=20`. Paths
+the demo's command line: e.g. `--config.teacher.train.steps=100` or `--config.student.train.epochs=20`. Paths
 between stages (data_dir, out, model.path, features, ...) are filled in by `leader_jax.demo`."""
 from ml_collections import ConfigDict
 
@@ -24,7 +24,7 @@ def get_config() -> ConfigDict:
     c.teacher = load_config("teacher_tiny.py")
     c.features = load_config("extract_features.py")
     c.student = load_config("student.py")
-    c.student.lr = 2e-3           # the paper's 5e-4 stays at the label prior for epochs on the small demos
+    c.student.train.lr = 2e-3     # the paper's 5e-4 stays at the label prior for epochs on the small demos
     c.baseline = load_config("baselines.py")
     c.eval = load_config("eval.py")
     return c

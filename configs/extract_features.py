@@ -10,7 +10,7 @@ def get_config() -> ConfigDict:
     c.run_dir = ""                       # a teacher run folder (python -m leader_jax.train.teacher)
     c.out = ""                           # "" = RUN/features
     c.splits = ("train", "val", "test")
-    c.checkpoint = "best"                # best (validation PRAUC, D13) | last
+    c.checkpoint = "best"                # best (validation PRAUC) | last
     c.batch_size = 64                    # multiple of data*fsdp
     c.shard_size = 512                   # samples per shard file (an interrupted run resumes per shard)
     c.mesh = (1, -1, 1)

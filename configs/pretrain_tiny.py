@@ -27,6 +27,8 @@ def get_config() -> ConfigDict:
     c.model.frozen_dtype = "float32"
     c.model.remat = "none"
     c.model.attention_impl = ""
+    # the tiny LLaMA shape (model.source=scratch), also used by configs/teacher_tiny.py; vocab_size is
+    # raised to the trained tokenizer's size and the special ids are taken from it
     c.model.arch = ConfigDict(dict(vocab_size=2048, hidden_size=64, intermediate_size=176,
                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                    max_position_embeddings=512, bos_token_id=1, eos_token_id=2,

@@ -2,7 +2,7 @@
 LoRA r 8, alpha 32, dropout 0.1 on q, k, v, o, gate, up, down; lr 2e-4 with linear decay, no warmup;
 32 sequences per step; 3000 steps; max length 2048; bf16 frozen base, fp32 adapters/head/optimizer state.
 
-scripts/train_teacher_gpu.sh configs/teacher_llama7b.py PREPARED /models/llama-7b RUN
+scripts/train_teacher_gpu.sh PREPARED /models/llama-7b RUN configs/teacher_llama7b.py
 """
 from leader_jax.cli import load_config
 
@@ -32,7 +32,7 @@ def get_config():
     c.train.accum = 2                     # -> 32 sequences / step
     c.train.optim.update(dict(lr=2e-4, warmup_steps=0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
                               clip_norm=1.0))
-    c.train.eval_every = 200              # validation PRAUC, best step kept (D13; the original keeps the last)
+    c.train.eval_every = 200              # validation PRAUC, best step kept (the original keeps the last)
     c.train.ckpt_every = 200
     c.eval.batch_size = 32
     return c

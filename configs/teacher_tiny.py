@@ -5,6 +5,8 @@ python -m leader_jax.train.teacher --config configs/teacher_tiny.py \
 """
 from ml_collections import ConfigDict
 
+from leader_jax.cli import load_config
+
 
 def get_config() -> ConfigDict:
     c = ConfigDict()
@@ -21,25 +23,25 @@ def get_config() -> ConfigDict:
     c.model.dtype = "float32"          # compute dtype
     c.model.pool = "last"              # last = final-norm state at EOS (the paper); mean = over real tokens
     c.model.head_norm = True           # standardise the pooled state (train-split stats) before the head
-    c.model.trainable_base = False     # True: train every base weight too (full fine-tuning of a tiny model)
-    c.model.frozen_dtype = "float32"   # cast of the frozen base inside the train step (bfloat16 on GPU/TPU)
+    c.model.trainable_base = False     # True: train every base weight too (full fine-tuning of a tiny
+                                       # model); a frozen domain adapter stays frozen
+    c.model.frozen_dtype = "float32"   # float32 | bfloat16 | float16: cast of the frozen base weights in the
+                                       # engine (bfloat16 on GPU/TPU); adapters, head, optimizer stay fp32
     c.model.remat = "none"             # none | full | dots | minimal | ... (llama.REMAT_POLICIES)
     c.model.attention_impl = ""        # "" = xla; "cudnn" on GPU
-    c.model.arch = ConfigDict(dict(vocab_size=2048, hidden_size=64, intermediate_size=176,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   bos_token_id=1, eos_token_id=2, pad_token_id=0))  # source=scratch only
+    c.model.arch = load_config("pretrain_tiny.py").model.arch   # the tiny shape (source=scratch only)
     c.tokenizer = ""                   # "" = model.path
 
     c.data = ConfigDict()
-    c.data.max_len = 192               # BOS + prompt + EOS; oldest history visits dropped to fit (D11);
+    c.data.max_len = 192               # BOS + prompt + EOS; oldest history visits dropped to fit;
                                        # a train sample whose current visit alone is longer is dropped (counted)
-    c.data.eval_max_len = 512          # val/test/features (never dropped: too long is an error)
+    c.data.eval_max_len = 512          # val/test/features (never dropped: too long is an error); 0 = max_len
     c.data.max_history = 3
     c.data.profile = False
 
     c.lora = ConfigDict()
     c.lora.domain_path = ""            # stage-1 domain adapter (PEFT folder); "" = none
-    c.lora.domain_trainable = False
+    c.lora.domain_trainable = False    # True: the domain adapter is trained further (saved in adapters/domain)
     c.lora.task = ConfigDict(dict(rank=8, alpha=32.0, dropout=0.1, targets="q,k,v,o,gate,up,down"))
 
     c.train = ConfigDict()
@@ -48,7 +50,7 @@ def get_config() -> ConfigDict:
     c.train.accum = 1                  # gradient accumulation (the paper: 32 sequences / step)
     c.train.optim = ConfigDict(dict(lr=2e-3, warmup_steps=10, weight_decay=0.0, b1=0.9, b2=0.999,
                                     eps=1e-8, clip_norm=1.0, head_lr_mult=1.0))
-    c.train.eval_every = 100           # validation PRAUC; best step kept (D13); 0 = keep last
+    c.train.eval_every = 100           # validation PRAUC; the best step's weights are kept; 0 = keep last
     c.train.ckpt_every = 100
     c.train.resume = True
     c.train.stop_after = 0             # >0: stop after this step without finishing (kill simulation)

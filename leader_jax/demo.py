@@ -59,9 +59,11 @@ def build_stages(cfg: ConfigDict) -> list[Stage]:
         teacher_cfg.model.path = str(pre_dir / "base")
     feat_cfg = _with(cfg.features, run_dir=str(teacher_dir), out=str(store))
     preset = student_preset(cfg)
-    students = {name: _with(cfg.student, **preset, data_dir=str(data_dir), distill=distill,
+    students = {name: _with(cfg.student, data_dir=str(data_dir), distill=distill,
                             features=str(store) if distill else "", out=str(root / name))
                 for name, distill in (("student_kd", True), ("student_nokd", False))}
+    for scfg in students.values():
+        scfg.loss.update(preset)
     base_cfgs = {name: _with(cfg.baseline, data_dir=str(data_dir), name=name) for name in cfg.baselines}
 
     from leader_jax import baselines
@@ -97,11 +99,12 @@ def _with(base: ConfigDict, **fields: Any) -> ConfigDict:
 
 
 def student_preset(cfg: ConfigDict) -> dict[str, Any]:
-    """The paper's per-dataset KD/alignment weights (configs/student.py PRESETS), unless the user set them."""
-    default = cli.load_config("student.py")
-    preset = cli.load_config(f"student.py:{cfg.dataset}")
+    """The paper's per-dataset KD/alignment weights (configs/student.py PRESETS; `student.loss` fields),
+    unless the user set them."""
+    default = cli.load_config("student.py").loss
+    preset = cli.load_config(f"student.py:{cfg.dataset}").loss
     return {k: preset[k] for k in ("alpha", "align_weight")
-            if cfg.student[k] == default[k] and preset[k] != default[k]}
+            if cfg.student.loss[k] == default[k] and preset[k] != default[k]}
 
 
 def make_tokenizer(pre_cfg: ConfigDict, vocab_size: int, out: Path) -> None:

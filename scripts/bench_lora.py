@@ -130,9 +130,9 @@ def bench_teacher_vs_student(size: str, seq: int, n_patients: int, reps: int) ->
     # student: the default LEADER(S) on MIMIC-III-sized synthetic patients, compiled predict at batch 512
     cfg = load_config("student.py")
     samples, vocab = make_samples(n_patients, seed=0)
-    enc = ts.encode_samples(samples, vocab, cfg.max_visits)
-    caps = ts.bucket_caps(enc.needs, cfg.bucket_levels)
-    trainer = ts.StudentTrainer(ts.model_config(cfg, vocab, None), ts.loss_config(cfg), lr=cfg.lr, seed=0)
+    enc = ts.encode_samples(samples, vocab, cfg.model.max_visits)
+    caps = ts.bucket_caps(enc.needs, cfg.model.bucket_levels)
+    trainer = ts.StudentTrainer(ts.model_config(cfg, vocab, None), ts.loss_config(cfg), lr=cfg.train.lr, seed=0)
     trainer.predict(enc, caps, 512)                                      # compile every bucket
 
     # teacher: LLaMA of the given size + drug head, batch 64 prompts of `seq` tokens, jitted forward

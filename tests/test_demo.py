@@ -19,7 +19,8 @@ def tiny_demo_config(out):
                                             num_key_value_heads=1, vocab_size=300))
         cfg.teacher.train.steps, cfg.teacher.train.optim.warmup_steps, cfg.teacher.train.eval_every = 2, 0, 0
         cfg.teacher.data.eval_max_len = 1024           # a 300-token BPE makes long prompts
-        cfg.student.epochs, cfg.student.d, cfg.student.ffn, cfg.student.bucket_levels = 1, 16, 32, 1
+        cfg.student.train.epochs = 1
+        cfg.student.model.d, cfg.student.model.ffn, cfg.student.model.bucket_levels = 16, 32, 1
         cfg.baseline.logistic.steps, cfg.baseline.logistic.eval_every = 3, 1
         cfg.eval.rounds, cfg.eval.plots = 3, True
     return cfg
@@ -54,7 +55,7 @@ def test_rerun_reuses_finished_stages_and_reruns_changed_ones(demo_run, capsys):
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/" + demo.MARKER)} == mtimes
     assert "reusing" in capsys.readouterr().err
     with cfg.unlocked():
-        cfg.student.epochs = 2                                 # only the two students rerun
+        cfg.student.train.epochs = 2                           # only the two students rerun
     stages = demo.build_stages(cfg)
     keys, stale = {}, []
     for s in stages:

@@ -39,7 +39,7 @@ def teacher_run(prepared_synthetic, tmp_path_factory):
 
 
 def _cfg(run, out, **kw):
-    from configs.features import get_config
+    from configs.extract_features import get_config
 
     c = get_config()
     c.run_dir, c.out = str(run), str(out)

@@ -86,10 +86,15 @@ def test_two_adapters_are_summed(base_logits):
     lb, ld, lt = _logits(both), _logits(dom), _logits(task)
     for other in (base_logits, ld, lt):
         assert np.abs(lb - other).max() > 1e-3          # each adapter really is in the forward pass
-    # merging the domain adapter into the base of `both` must give exactly the task-only model on that base
+    # merging the domain adapter into the base of `both` changes nothing (the deltas are summed on the base)
     lora.merge_adapter(both, "domain")
-    lora.merge_adapter(dom, "domain")
     np.testing.assert_allclose(_logits(both), lb, rtol=1e-5, atol=1e-5)
+    # ... and the same task adapter put on the domain-merged base of `dom` reproduces the two-adapter model
+    lora.merge_adapter(dom, "domain")
+    np.testing.assert_allclose(_logits(dom), ld, rtol=1e-5, atol=1e-5)
+    lora.add_adapter(dom, "task", lora.ALL_TARGETS, rank=4, alpha=8, param_type=lora.TaskLoRA, seed=2)
+    _randomize_b(dom, "task", 4)
+    np.testing.assert_allclose(_logits(dom), lb, rtol=1e-5, atol=1e-5)
     # perturbing only the task adapter changes the output of the two-adapter model
     _randomize_b(both, "task", 9)
     assert np.abs(_logits(both) - lb).max() > 1e-3

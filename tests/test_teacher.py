@@ -159,8 +159,9 @@ def test_predictions_and_eval(runs, setup):
 
 
 def test_bf16_frozen_base_fp32_trainables():
-    """D18: the frozen base is cast to bf16 inside the engine; adapters, head and optimizer state stay fp32;
-    the bf16 step's loss is close to the fp32 step's, and only trainable leaves have optimizer state."""
+    """The frozen base is cast to bf16 inside the engine; adapters (a frozen domain adapter included), head
+    and optimizer state stay fp32; the bf16 step's loss is close to the fp32 step's, and only trainable
+    leaves have optimizer state."""
     import jax
     import optax
     from flax import nnx
@@ -179,12 +180,16 @@ def test_bf16_frozen_base_fp32_trainables():
     losses = {}
     for dt in ("float32", "bfloat16"):
         base = init_model(LlamaConfig.tiny(vocab_size=64, hidden_size=32, intermediate_size=64), seed=0)
+        lora.add_adapter(base, "domain", "q,v", rank=2, alpha=4, param_type=lora.DomainLoRA)
         lora.add_adapter(base, "task", "q,v", rank=2, alpha=4)
         with nnx.use_eager_sharding(False):
             t = place(Teacher(base, 10, rngs=nnx.Rngs(1)), mesh)
         e = Engine(t, nnx.Any(lora.TaskLoRA, HeadParam), optax.adam(1e-3), mesh, teacher_loss, frozen_dtype=dt)
-        frozen_dtypes = {str(x.dtype) for x in jax.tree.leaves(e.frozen) if x.ndim > 1}
-        assert frozen_dtypes == {dt}
+        frozen = jax.tree.leaves(e.frozen, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        base_dtypes = {str(v.get_value().dtype) for v in frozen
+                       if v.get_value().ndim > 1 and not isinstance(v, lora.DomainLoRA)}
+        domain_dtypes = {str(v.get_value().dtype) for v in frozen if isinstance(v, lora.DomainLoRA)}
+        assert base_dtypes == {dt} and domain_dtypes == {"float32"}
         assert {str(x.dtype) for x in jax.tree.leaves(e.trainable)} == {"float32"}
         opt_leaves = [x for x in jax.tree.leaves(e.opt_state) if x.ndim > 0]
         assert len(opt_leaves) == 2 * len(jax.tree.leaves(e.trainable))       # adam mu, nu: trainables only
@@ -193,3 +198,121 @@ def test_bf16_frozen_base_fp32_trainables():
         losses[dt] = e.train_step(sharded)["loss"]
     assert np.isfinite(losses["bfloat16"])
     np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=2e-2)
+
+
+# ------------------------------------------------------------------------------- resume faults
+def _copy_run(root, src, dst):
+    import shutil
+    shutil.copytree(root / src, root / dst)
+    return root / dst
+
+
+def test_resume_after_best_written_before_checkpoint(runs, setup):
+    """Killed after best/N was written but before checkpoint N: the restart replays from the previous
+    checkpoint, rewrites best/N and finishes with the uninterrupted run's losses and best step."""
+    from leader_jax.train.engine import Checkpointer
+    from leader_jax.train.teacher import train
+
+    root, _ = runs
+    cfg = make_cfg(setup, "E", (2, 2, 2), eval_every=5)
+    straight = train(cfg)
+    want = losses(root / "E")
+    best_steps = Checkpointer(root / "E" / "best", max_to_keep=None).steps()
+    assert best_steps == [straight["best_step"]]                 # pruned to the best at the end
+    # the state of a kill between best/10 and checkpoints/10: a best newer than the last checkpoint
+    import shutil
+    shutil.rmtree(root / "E" / "checkpoints" / str(N_STEPS))
+    ck = Checkpointer(root / "E" / "checkpoints")
+    assert ck.steps() == [5]
+    ck.close()
+    if straight["best_step"] != N_STEPS:                         # make best/10 exist whatever won
+        shutil.copytree(root / "E" / "best" / str(straight["best_step"]), root / "E" / "best" / str(N_STEPS))
+    resumed = train(make_cfg(setup, "E", (2, 2, 2), eval_every=5))
+    assert resumed["steps_done"] == N_STEPS and resumed["best_step"] == straight["best_step"]
+    assert resumed["best_val_prauc"] == straight["best_val_prauc"]
+    assert losses(root / "E") == want
+    assert Checkpointer(root / "E" / "best", max_to_keep=None).steps() == [straight["best_step"]]
+
+
+def test_corrupt_latest_checkpoint_and_torn_log_fall_back(runs, setup, caplog):
+    """A truncated file in the latest checkpoint: the previous one is restored with a warning naming the
+    bad one; a torn last line of metrics.jsonl is dropped; the replay ends on the straight run's losses."""
+    from leader_jax.train.teacher import train
+
+    root, _ = runs
+    run = _copy_run(root, "A", "D")
+    bad = run / "checkpoints" / str(N_STEPS)
+    files = [p for p in (bad / "trainable").rglob("*") if p.is_file() and p.stat().st_size > 64]
+    assert files
+    for p in files:
+        p.write_bytes(p.read_bytes()[:len(p.read_bytes()) // 2])
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 11, "loss": 0.1')                       # killed mid-write
+    caplog.set_level("WARNING")
+    cfg = make_cfg(setup, "D", (2, 2, 2))
+    cfg.eval.splits = ("val", "test")
+    out = train(cfg)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any(str(bad) in m and "falling back" in m for m in msgs), msgs
+    assert any("torn last line" in m for m in msgs), msgs
+    assert out["steps_done"] == N_STEPS and losses(run) == losses(root / "A")
+    assert out["test_prauc"] == pytest.approx(runs[1]["A"]["test_prauc"], abs=1e-6)
+
+
+def test_resume_refuses_changed_config_or_data(runs, setup, tmp_path):
+    """A run folder restarted with another config or another prepared folder is refused, naming what
+    changed and how to start afresh."""
+    import shutil
+    from leader_jax.cli import UserError
+    from leader_jax.train.teacher import train
+
+    root, data_dir = runs[0], setup[1]
+    _copy_run(root, "M1", "F")
+    with pytest.raises(UserError, match=r"the config changed.*--config.train.resume=False") as e:
+        train(_with_lr(make_cfg(setup, "F", (1, 1, 1)), 2e-2))
+    assert "prepared data" not in str(e.value)
+    other = tmp_path / "prepared"
+    shutil.copytree(data_dir, other)
+    stats = json.loads((other / "stats.json").read_text())
+    stats["note"] = "re-prepared"
+    (other / "stats.json").write_text(json.dumps(stats))
+    cfg = make_cfg(setup, "F", (1, 1, 1))
+    cfg.data_dir = str(other)
+    with pytest.raises(UserError, match=r"the prepared data.*changed.*--config.train.resume=False"):
+        train(cfg)
+    cfg.train.resume = False                                      # the documented way out
+    cfg.train.stop_after = 1
+    assert train(cfg)["steps_done"] == 1
+
+
+def _with_lr(cfg, lr):
+    cfg.train.optim.lr = lr
+    return cfg
+
+
+def test_trainable_filter_never_trains_a_frozen_domain_adapter():
+    """model.trainable_base=True trains the base (and head, task adapter) but a domain adapter only when
+    lora.domain_trainable=True."""
+    from flax import nnx
+    from configs.teacher_tiny import get_config
+    from leader_jax.models import lora
+    from leader_jax.models.llama import LlamaConfig, init_model
+    from leader_jax.train.teacher import trainable_filter
+
+    def kinds(cfg):
+        m = init_model(LlamaConfig.tiny(vocab_size=64, hidden_size=16, intermediate_size=32), seed=0)
+        lora.add_adapter(m, "domain", "q,v", rank=2, alpha=4, param_type=lora.DomainLoRA)
+        lora.add_adapter(m, "task", "q,v", rank=2, alpha=4, param_type=lora.TaskLoRA)
+        _, tr, _ = nnx.split(m, trainable_filter(cfg), ...)
+        return {type(v).__name__ for v in jax.tree.leaves(tr, is_leaf=lambda x: isinstance(x, nnx.Variable))}
+
+    c = get_config()
+    c.lora.domain_path = "PRE/domain_adapter"
+    c.model.trainable_base = True
+    assert kinds(c) == {"Param", "TaskLoRA"}
+    c.lora.domain_trainable = True
+    assert kinds(c) == {"Param", "TaskLoRA", "DomainLoRA"}
+    c.model.trainable_base = False
+    assert kinds(c) == {"TaskLoRA", "DomainLoRA"}
+    c.lora.domain_trainable = False
+    assert kinds(c) == {"TaskLoRA"}

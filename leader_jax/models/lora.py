@@ -2,9 +2,8 @@
 
 Each projection `Linear` of `leader_jax.models.llama` holds an `nnx.Dict` of adapters and returns
 `x @ kernel + sum(adapter(x) for adapter in adapters.values())`, so every adapter attached here is really
-in the forward pass (the released Clinical LLaMA-LoRA code never activates its second adapter; see
-seeds_peft_retrieval.md A.3). An adapter computes `scale * dropout(x) @ A @ B` with `scale = alpha / rank`,
-A `[in, r]` Kaiming-uniform (PEFT's init), B `[r, out]` zeros, so a fresh adapter changes nothing.
+in the forward pass (the released Clinical LLaMA-LoRA code never activates its second adapter). An
+adapter computes `scale * dropout(x) @ A @ B` with `scale = alpha / rank`, A `[in, r]` Kaiming-uniform (PEFT's init), B `[r, out]` zeros, so a fresh adapter changes nothing.
 
 Trainability is decided by the *parameter type*: `DomainLoRA` (stage 1) and `TaskLoRA` (stage 2) are
 `nnx.LoRAParam` subclasses, so `nnx.Optimizer(wrt=...)` / `nnx.DiffState` / `nnx.split` filters pick exactly

@@ -1,7 +1,7 @@
 """LEADER(T): LLaMA (+ LoRA adapters) with a bias-free drug head on the last real token.
 
 The prompt is `BOS + prompt + EOS`, right-padded; the pooled feature is the final-RMSNorm hidden state at
-index `length - 1` (the EOS), taken from explicit lengths (leader.md D10, D12). The head maps it to
+index `length - 1` (the EOS), taken from explicit lengths (never from padding). The head maps it to
 `n_med` logits; the loss is mean sigmoid BCE over batch x drugs (optax). The pooled state (after every
 adapter's delta) is also what the feature store keeps for distillation.
 """

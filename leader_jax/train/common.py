@@ -7,6 +7,7 @@ or `scratch` (random init of a `LlamaConfig` preset; stage 1 of the tiny demo). 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -16,19 +17,21 @@ from ml_collections import ConfigDict
 
 from leader_jax import sharding as shd
 from leader_jax.cli import UserError
-from leader_jax.io import JsonlLogger, atomic_write_json, read_jsonl
+from leader_jax.io import JsonlLogger, atomic_write_json
 from leader_jax.train import distributed
+
+log = logging.getLogger(__name__)
 
 
 def setup_distributed(cfg: ConfigDict) -> None:
     """Multi-process init from config/env (before any JAX computation)."""
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)          # orbax logs every file it writes at INFO
-    d = cfg.get("distributed", ConfigDict())
-    distributed.maybe_initialize(coordinator=d.get("coordinator") or None,
-                                 num_processes=d.get("num_processes") or None,
-                                 process_id=d.get("process_id") if d.get("num_processes") else None,
-                                 auto=bool(d.get("auto", False)))
+    d = cfg.distributed                     # coordinator "" / num_processes 0 = from the environment
+    distributed.maybe_initialize(coordinator=d.coordinator or None,
+                                 num_processes=int(d.num_processes) or None,
+                                 process_id=int(d.process_id) if int(d.num_processes) else None,
+                                 auto=bool(d.auto))
 
 
 def make_mesh(cfg: ConfigDict):
@@ -43,8 +46,9 @@ def make_mesh(cfg: ConfigDict):
 
 
 def llama_overrides(mcfg: ConfigDict) -> dict[str, Any]:
-    out = {"remat": mcfg.get("remat", "none")}
-    if mcfg.get("attention_impl"):
+    """LlamaConfig fields the run config overrides: `model.remat`, `model.attention_impl` ("" = XLA)."""
+    out = {"remat": mcfg.remat}
+    if mcfg.attention_impl:
         out["attention_impl"] = mcfg.attention_impl
     return out
 
@@ -76,11 +80,11 @@ def load_base(mcfg: ConfigDict, mesh, seed: int):
         if not (Path(mcfg.path) / "config.json").exists():
             raise UserError(f"model.path={mcfg.path}: no config.json (not an HF LLaMA folder)")
         return llama.load_hf(mcfg.path, dtype=mcfg.param_dtype, mesh=mesh,
-                             compute_dtype=mcfg.get("dtype") or None, **llama_overrides(mcfg))
+                             compute_dtype=mcfg.dtype or None, **llama_overrides(mcfg))
     if mcfg.source == "scratch":
         arch = dict(mcfg.arch)
         conf = llama.LlamaConfig(**arch, param_dtype=mcfg.param_dtype,
-                                 dtype=mcfg.get("dtype") or mcfg.param_dtype, **llama_overrides(mcfg))
+                                 dtype=mcfg.dtype or mcfg.param_dtype, **llama_overrides(mcfg))
         from leader_jax.train.engine import place
         return conf, place(llama.init_model(conf, seed=seed), mesh)
     raise UserError(f"model.source={mcfg.source!r}; expected 'hf' or 'scratch'")
@@ -101,13 +105,29 @@ def start_run(cfg: ConfigDict):
         raise UserError(f"cannot load prepared data {cfg.data_dir}: {e}") from None
 
 
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; a torn last line (the process was killed while writing it) is
+    dropped with a warning, a bad line elsewhere is a UserError naming it."""
+    lines = [ln for ln in path.read_text(encoding="utf-8").split("\n") if ln.strip()]
+    recs = []
+    for i, line in enumerate(lines):
+        try:
+            recs.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                log.warning("%s: dropping a torn last line (%s)", path, e)
+                break
+            raise UserError(f"{path}: line {i + 1} is not JSON ({e})") from None
+    return recs
+
+
 def open_log(run: Path, resume_step: int) -> JsonlLogger:
     """metrics.jsonl logger for process 0; on resume, records after the restored step are dropped
-    (they belong to steps that will be replayed)."""
+    (they belong to steps that will be replayed), and so is a torn last line."""
     path = run / "metrics.jsonl"
     main = distributed.is_main_process()
     if main and path.exists():
-        keep = [r for r in read_jsonl(path) if int(r.get("step", 0)) <= resume_step]
+        keep = [r for r in read_log(path) if int(r["step"]) <= resume_step]
         from leader_jax.io import atomic_write_text
         atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
     return JsonlLogger(path, enabled=main)
@@ -123,8 +143,9 @@ def mesh_info(mesh) -> dict[str, Any]:
             "platform": jax.devices()[0].platform}
 
 
-# Fields that may change between a run and its resume without changing what is trained.
-RESUME_FREE_FIELDS = ("out", "resume", "stop_after", "verbosity")
+# Fields that may change between a run and its resume without changing what is trained: where it runs
+# and is written (the mesh: a checkpoint restores onto any mesh), when it stops or checkpoints.
+RESUME_FREE_FIELDS = ("out", "resume", "stop_after", "verbosity", "mesh", "distributed", "ckpt_every")
 
 
 def config_hash(cfg: ConfigDict, ignore: tuple[str, ...] = RESUME_FREE_FIELDS) -> str:

@@ -1,14 +1,17 @@
 """Sharded functional training engine shared by stage 1 (causal LM) and stage 2 (teacher).
 
-The model is split once into (trainable, dropout keys, frozen) by an nnx filter; only `trainable` is
-differentiated and has optimizer state (jax_stack.md §2/§3). One `jax.jit` step with explicit
-in/out shardings (donating params and optimizer state) does gradient accumulation over micro-batches with
-`lax.scan`, global-norm clipping and AdamW. The frozen base may be cast to bf16; adapters, head, optimizer
-state and the loss stay fp32. Dropout keys are folded with (step, micro-batch), so a resumed run replays
-the same masks, and the data position is a pure function of the step: resuming is exact.
+The model is split once into (trainable, dropout RNG keys, frozen) by an nnx filter; only `trainable` is
+differentiated and has optimizer state. One `jax.jit` step with explicit in/out shardings (donating params
+and optimizer state) does gradient accumulation over micro-batches with `lax.scan`, global-norm clipping
+and AdamW. The frozen base weights may be cast to bf16 (`frozen_dtype`); every LoRA adapter (a frozen
+stage-1 domain adapter included), the head, the optimizer state and the loss stay fp32. Dropout keys are
+folded with (step, micro-batch), so a resumed run replays the same masks, and the data position is a pure
+function of the step: resuming is exact.
 """
 from __future__ import annotations
 
+import collections
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -39,8 +42,16 @@ def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def _cast_floating(tree, dtype):
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+def cast_frozen_base(frozen, dtype):
+    """Cast the floating base weights of a frozen nnx.State to `dtype`; LoRA adapters (nnx.LoRAParam,
+    e.g. a frozen domain adapter) and integer variables keep their dtype."""
+    def cast(v):
+        if isinstance(v, nnx.LoRAParam):
+            return v
+        x = v.get_value()
+        return v.replace(x.astype(dtype)) if jnp.issubdtype(x.dtype, jnp.floating) else v
+
+    return jax.tree.map(cast, frozen, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def stacked_batch_sharding(mesh, ndim: int) -> NamedSharding:
@@ -48,31 +59,53 @@ def stacked_batch_sharding(mesh, ndim: int) -> NamedSharding:
     return shd.batch_sharding(mesh, ndim, batch_dim=1)
 
 
-_JIT_CACHE: dict[Any, Any] = {}   # compiled steps shared by engines of identical structure
+log = logging.getLogger(__name__)
+
+
+class _CompiledSteps:
+    """Bounded LRU of jitted step functions keyed by the objects that define them (graphdef, loss or
+    predict function, optimizer object, mesh, batch ranks, frozen structure and dtypes): engines built
+    again on an identical model (resumed runs, tests) reuse the compiled step instead of recompiling."""
+
+    def __init__(self, maxsize: int = 16):
+        self.maxsize, self._d = maxsize, collections.OrderedDict()
+
+    def get(self, key, build: Callable[[], Any]):
+        if key in self._d:
+            self._d.move_to_end(key)
+            return self._d[key]
+        fn = self._d[key] = build()
+        while len(self._d) > self.maxsize:
+            self._d.popitem(last=False)
+        return fn
+
+    def clear(self) -> None:
+        self._d.clear()
+
+
+COMPILED_STEPS = _CompiledSteps()
 LossFn = Callable[[nnx.Module, dict], tuple[jax.Array, dict]]
 OutFn = Callable[[nnx.Module, dict], Any]
 
 
 class Engine:
-    """Holds (graphdef, trainable, keys, frozen, opt_state) on a mesh and runs jitted train/predict steps."""
+    """Holds (graphdef, trainable, rng_keys, frozen, opt_state) on a mesh and runs jitted train/predict
+    steps. Compiled steps are shared between engines with the same graphdef, loss/predict function,
+    optimizer *object* (`optim.make_optimizer` returns one object per hyper-parameter set) and mesh."""
 
     def __init__(self, model: nnx.Module, trainable: Any, tx: optax.GradientTransformation, mesh,
-                 loss_fn: LossFn, *, frozen_dtype: str | None = None, predict_fn: OutFn | None = None,
-                 tx_key: Any = None):
-        """`tx_key`: a hashable description of `tx` (e.g. the optimizer config); engines with equal
-        (model structure, loss, tx_key, mesh) share one compiled step (tests, repeated runs)."""
+                 loss_fn: LossFn, *, frozen_dtype: str | None = None, predict_fn: OutFn | None = None):
         self.mesh, self.tx, self.loss_fn, self.predict_fn = mesh, tx, loss_fn, predict_fn
-        self.tx_key = tx_key
         self.filters = (trainable, lora.LoRADropoutKey, ...)
         lora.set_deterministic(model, True)
         self.graphdef_eval = nnx.split(model, *self.filters)[0]
         lora.set_deterministic(model, False)
-        self.graphdef, self.trainable, self.keys, self.frozen = nnx.split(model, *self.filters)
+        self.graphdef, self.trainable, self.rng_keys, self.frozen = nnx.split(model, *self.filters)
         if not jax.tree.leaves(self.trainable):
             raise ValueError("the trainable filter selects no parameter")
         if frozen_dtype and frozen_dtype not in ("float32", "fp32"):
             from leader_jax.models.llama import to_dtype
-            self.frozen = _cast_floating(self.frozen, to_dtype(frozen_dtype))
+            self.frozen = cast_frozen_base(self.frozen, to_dtype(frozen_dtype))
         with jax.set_mesh(mesh):
             self.opt_state = jax.jit(tx.init)(self.trainable)
         self.step = 0
@@ -90,13 +123,13 @@ class Engine:
     def _build_train(self, batch):
         graphdef, loss_fn, tx = self.graphdef, self.loss_fn, self.tx
 
-        def step_fn(trainable, opt_state, keys, frozen, batch, step):
+        def step_fn(trainable, opt_state, rng_keys, frozen, batch, step):
             accum = jax.tree.leaves(batch)[0].shape[0]
 
             def micro(carry, xs):
                 g_acc, l_acc = carry
                 mb, i = xs
-                k = jax.tree.map(lambda key: jax.random.fold_in(jax.random.fold_in(key, step), i), keys)
+                k = jax.tree.map(lambda key: jax.random.fold_in(jax.random.fold_in(key, step), i), rng_keys)
 
                 def lf(tr):
                     loss, _ = loss_fn(nnx.merge(graphdef, tr, k, frozen), mb)
@@ -117,63 +150,50 @@ class Engine:
 
         rep = NamedSharding(self.mesh, P())
         tr_sh, opt_sh = _shardings(self.trainable), _shardings(self.opt_state)
-        in_sh = (tr_sh, opt_sh, _shardings(self.keys), _shardings(self.frozen),
+        in_sh = (tr_sh, opt_sh, _shardings(self.rng_keys), _shardings(self.frozen),
                  jax.tree.map(lambda x: stacked_batch_sharding(self.mesh, x.ndim), batch), rep)
         out_sh = (tr_sh, opt_sh, {"loss": rep, "grad_norm": rep})
         return jax.jit(step_fn, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(0, 1))
 
-    def _cache_key(self, kind: str, batch) -> Any:
-        if self.tx_key is None:
-            return None
-        shapes = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items()))
-        if kind == "train":
-            fn_key = (self.graphdef, self.loss_fn, self.tx_key)
-        else:                                   # inference does not depend on the optimizer
-            fn_key = (self.graphdef_eval, self.predict_fn)
-        return (kind, fn_key, self.mesh, shapes, jax.tree.structure(self.frozen),
+    def _cache_key(self, kind: str, batch) -> tuple:
+        fn_key = (self.graphdef, self.loss_fn, self.tx) if kind == "train" else (self.graphdef_eval,
+                                                                                 self.predict_fn)
+        ranks = tuple(sorted((k, v.ndim) for k, v in batch.items()))
+        return (kind, fn_key, self.mesh, ranks, jax.tree.structure(self.frozen),
                 tuple(str(x.dtype) for x in jax.tree.leaves(self.frozen)))
 
     def train_step(self, batch: dict) -> dict[str, float]:
         """One optimizer step on a global batch `{name: jax.Array [accum, B, ...]}` (already sharded)."""
         if self._train is None:
-            key = self._cache_key("train", batch)
-            if key is not None and key in _JIT_CACHE:
-                self._train = _JIT_CACHE[key]
-            else:
-                self._train = self._build_train(batch)
-                if key is not None:
-                    _JIT_CACHE[key] = self._train
+            self._train = COMPILED_STEPS.get(self._cache_key("train", batch), lambda: self._build_train(batch))
         with jax.set_mesh(self.mesh):
             self.trainable, self.opt_state, metrics = self._train(
-                self.trainable, self.opt_state, self.keys, self.frozen, batch,
+                self.trainable, self.opt_state, self.rng_keys, self.frozen, batch,
                 jnp.asarray(self.step, jnp.int32))
         self.step += 1
         return {k: float(v) for k, v in metrics.items()}
 
     # ------------------------------------------------------------------ inference
+    def _build_predict(self):
+        graphdef, fn = self.graphdef_eval, self.predict_fn
+
+        def pred(trainable, rng_keys, frozen, batch):
+            return fn(nnx.merge(graphdef, trainable, rng_keys, frozen), batch)
+
+        return jax.jit(pred)
+
     def predict(self, batch: dict):
         """`predict_fn(model, batch)` with dropout off; `batch` arrays [B, ...] sharded over the batch."""
         if self.predict_fn is None:
             raise ValueError("Engine was built without predict_fn")
         if self._predict is None:
-            key = self._cache_key("predict", batch)
-            if key is not None and key in _JIT_CACHE:
-                self._predict = _JIT_CACHE[key]
-            else:
-                graphdef, fn = self.graphdef_eval, self.predict_fn
-
-                def pred(trainable, keys, frozen, batch):
-                    return fn(nnx.merge(graphdef, trainable, keys, frozen), batch)
-
-                self._predict = jax.jit(pred)
-                if key is not None:
-                    _JIT_CACHE[key] = self._predict
+            self._predict = COMPILED_STEPS.get(self._cache_key("predict", batch), self._build_predict)
         with jax.set_mesh(self.mesh):
-            return self._predict(self.trainable, self.keys, self.frozen, batch)
+            return self._predict(self.trainable, self.rng_keys, self.frozen, batch)
 
     def model(self, eval_mode: bool = True) -> nnx.Module:
         """A live module view of the current parameters (shares arrays; do not train it)."""
-        return nnx.merge(self.graphdef_eval if eval_mode else self.graphdef, self.trainable, self.keys,
+        return nnx.merge(self.graphdef_eval if eval_mode else self.graphdef, self.trainable, self.rng_keys,
                          self.frozen)
 
     # ------------------------------------------------------------------ checkpoints
@@ -192,9 +212,13 @@ class Engine:
 
 
 class Checkpointer:
-    """orbax CheckpointManager over {trainable, opt, meta(json)}; every process calls save/restore."""
+    """orbax CheckpointManager over {trainable, opt, meta(json)}; every process calls save/restore.
 
-    def __init__(self, directory: str | Path, max_to_keep: int = 2):
+    `max_to_keep=None` keeps every step (the caller prunes with `delete`). Saving a step that already
+    exists replaces it: a resumed run that replays a step written before a crash (or a corrupt one it
+    skipped) overwrites it instead of failing."""
+
+    def __init__(self, directory: str | Path, max_to_keep: int | None = 2):
         import orbax.checkpoint as ocp
 
         self.ocp = ocp
@@ -205,13 +229,27 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.mngr.latest_step()
 
+    def steps(self) -> list[int]:
+        """Every saved step, oldest first."""
+        return sorted(int(s) for s in self.mngr.all_steps())
+
+    def delete(self, step: int) -> None:
+        self.mngr.delete(step)
+
     def save(self, step: int, trainable, opt_state, meta: dict) -> None:
         ocp = self.ocp
+        if step in self.steps():
+            self.delete(step)
         items = {"trainable": ocp.args.StandardSave(trainable), "meta": ocp.args.JsonSave(meta)}
         if opt_state is not None:
             items["opt"] = ocp.args.StandardSave(opt_state)
         self.mngr.save(step, args=ocp.args.Composite(**items), force=True)
         self.mngr.wait_until_finished()
+
+    def read_meta(self, step: int) -> dict:
+        """The json metadata of `step` alone (no array is read)."""
+        out = self.mngr.restore(step, args=self.ocp.args.Composite(meta=self.ocp.args.JsonRestore()))
+        return dict(out["meta"])
 
     def restore(self, step, abstract_trainable, abstract_opt=None):
         ocp = self.ocp
@@ -226,6 +264,33 @@ class Checkpointer:
 
     def close(self) -> None:
         self.mngr.close()
+
+
+def restore_latest_valid(engine: Engine, ckpt: Checkpointer,
+                         check_meta: Callable[[dict], None] | None = None) -> dict | None:
+    """Restore the newest checkpoint of `ckpt` that reads back completely onto `engine` and return its
+    meta (None when there is none). A checkpoint that fails to read (truncated or corrupt files) is
+    skipped with a warning naming it, and the previous one is tried. `check_meta(meta)` runs before any
+    array is read and may raise (e.g. a run-identity mismatch, which is not a corruption)."""
+    steps = ckpt.steps()
+    for step in reversed(steps):
+        where = ckpt.directory / str(step)
+        try:
+            meta = ckpt.read_meta(step)
+        except Exception as e:                      # noqa: BLE001 (orbax raises many kinds on bad files)
+            log.warning("checkpoint %s is unreadable (%s: %s); falling back to the previous one",
+                        where, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+            continue
+        if check_meta is not None:
+            check_meta(meta)
+        try:
+            return engine.restore(ckpt, step)
+        except Exception as e:                      # noqa: BLE001
+            log.warning("checkpoint %s is unreadable (%s: %s); falling back to the previous one",
+                        where, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+    if steps:
+        log.warning("no readable checkpoint in %s (tried steps %s); starting from step 0", ckpt.directory, steps)
+    return None
 
 
 class StepTimer:

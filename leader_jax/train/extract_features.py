@@ -25,8 +25,23 @@ from leader_jax.feature_store import FeatureStoreWriter
 from leader_jax.io import progress
 from leader_jax.train import common, text_batches as tdata, distributed
 from leader_jax.train.engine import Checkpointer, Engine, _abstract
-from leader_jax.train.teacher import (build_teacher, encode_split, teacher_loss, teacher_predict,
-                                      tokenizer_path, trainable_filter)
+from leader_jax.train.teacher import (build_teacher, encode_split, eval_max_len, predict_split, teacher_loss,
+                                      teacher_predict, tokenizer_path, trainable_filter)
+
+CHECKPOINTS = ("best", "last")
+
+
+def validate_config(cfg: ConfigDict) -> None:
+    """UserError on a bad extraction config value (the run folder itself is checked when read)."""
+    if cfg.checkpoint not in CHECKPOINTS:
+        raise UserError(f"checkpoint={cfg.checkpoint!r}; expected {' | '.join(CHECKPOINTS)}")
+    for k in ("batch_size", "shard_size"):
+        if int(cfg[k]) <= 0:
+            raise UserError(f"{k} must be positive, got {cfg[k]}")
+    if int(cfg.stop_after_shards) < 0:
+        raise UserError(f"stop_after_shards must be >= 0 (0 = off), got {cfg.stop_after_shards}")
+    if not cfg.splits:
+        raise UserError("splits is empty")
 
 
 def params_fingerprint(tree) -> str:
@@ -48,13 +63,13 @@ def load_teacher_run(run: Path, which: str, mesh_shape) -> tuple[ConfigDict, Eng
     tcfg = ConfigDict(json.loads(cfg_path.read_text()))
     with tcfg.unlocked():
         tcfg.mesh = tuple(mesh_shape)
-    if which not in ("best", "last"):
-        raise UserError(f"checkpoint={which!r}; expected best | last")
+    if which not in CHECKPOINTS:
+        raise UserError(f"checkpoint={which!r}; expected {' | '.join(CHECKPOINTS)}")
     ckpt_dir = run / ("best" if which == "best" else "checkpoints")
-    ckpt = Checkpointer(ckpt_dir, max_to_keep=1 if which == "best" else 2)
+    ckpt = Checkpointer(ckpt_dir, max_to_keep=None)     # read only: nothing is pruned
     step = ckpt.latest_step()
     if step is None and which == "best":         # run without validation: the last step is its result
-        ckpt, ckpt_dir = Checkpointer(run / "checkpoints"), run / "checkpoints"
+        ckpt, ckpt_dir = Checkpointer(run / "checkpoints", max_to_keep=None), run / "checkpoints"
         step = ckpt.latest_step()
     if step is None:
         raise UserError(f"{run}: no checkpoint in {ckpt_dir} (train the teacher first)")
@@ -64,6 +79,7 @@ def load_teacher_run(run: Path, which: str, mesh_shape) -> tuple[ConfigDict, Eng
 def extract(cfg: ConfigDict) -> dict[str, Any]:
     from leader_jax.data.dataset import PreparedData
 
+    validate_config(cfg)
     if not cfg.run_dir:
         raise UserError("set --config.run_dir=RUN (a teacher run folder)")
     common.setup_distributed(cfg)
@@ -81,22 +97,21 @@ def extract(cfg: ConfigDict) -> dict[str, Any]:
         raise UserError(str(e)) from None
     teacher = build_teacher(tcfg, prepared.vocab.n_med, mesh)
     engine = Engine(teacher, trainable_filter(tcfg), optax.identity(), mesh, teacher_loss,
-                    frozen_dtype=tcfg.model.frozen_dtype, predict_fn=teacher_predict, tx_key="inference")
+                    frozen_dtype=tcfg.model.frozen_dtype, predict_fn=teacher_predict)
     trainable, _, _ = ckpt.restore(info["step"], _abstract(engine.trainable))
     engine.trainable = trainable
     info["params_sha256"] = params_fingerprint(distributed.host_copy(trainable))
     meta = {"teacher_run": str(run.absolute()), "teacher_checkpoint": info,
-            "teacher_base": str(tcfg.model.path), "teacher_config": tcfg.get("config_name", ""),
+            "teacher_base": str(tcfg.model.path), "teacher_config": tcfg.config_name,
             "dataset_fingerprint": prepared.fingerprint(), "dataset_dir": str(Path(tcfg.data_dir).absolute()),
             "pooling": "final-norm hidden state at the EOS (last real token)",
-            "eval_max_len": int(tcfg.data.get("eval_max_len") or tcfg.data.max_len)}
+            "eval_max_len": eval_max_len(tcfg)}
     tok = common.load_tokenizer(tokenizer_path(tcfg))
     special = tdata.SpecialIds.from_tokenizer(tok)
     main = distributed.is_main_process()
     writer = FeatureStoreWriter(out, hidden_dim=teacher.llama.config.hidden_size,
                                 n_med=prepared.vocab.n_med, meta=meta) if main else None
     shards_written, counts = 0, {}
-    from leader_jax.train.teacher import predict_split
 
     for split in cfg.splits:
         if split not in prepared.splits:

@@ -1,8 +1,13 @@
 """Optimizer for adapter/head training: AdamW + linear warmup then linear decay to 0, global-norm clipping.
 
 Only the trainable subset of the model is ever passed to `tx.init`/`tx.update`, so frozen weights get
-neither gradients nor optimizer state (no `optax.masked`, see jax_stack.md §3)."""
+neither gradients nor optimizer state (no `optax.masked`).
+
+`make_optimizer` returns the same optimizer object for the same hyper-parameters (a small LRU cache), so
+engines built again with an identical optimizer share their compiled train step (see engine.Engine)."""
 from __future__ import annotations
+
+import functools
 
 import optax
 
@@ -33,16 +38,28 @@ def scale_matching(substring: str, factor: float) -> optax.GradientTransformatio
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+OPTIM_FIELDS = ("lr", "total_steps", "warmup_steps", "weight_decay", "b1", "b2", "eps", "clip_norm",
+                "head_lr_mult")
+
+
 def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """`cfg` fields: lr, total_steps, warmup_steps, weight_decay, b1, b2, eps, clip_norm (<=0: none),
-    optional head_lr_mult (learning-rate multiplier of the drug head, default 1)."""
-    schedule = make_schedule(float(cfg.lr), int(cfg.total_steps), int(cfg.warmup_steps))
+    """`cfg` (a mapping) fields: lr, total_steps, warmup_steps, weight_decay, b1, b2, eps, clip_norm
+    (<=0: none), head_lr_mult (learning-rate multiplier of the drug head; 1 = none)."""
+    missing = [k for k in OPTIM_FIELDS if k not in cfg]
+    if missing:
+        raise ValueError(f"optimizer config lacks {missing}")
+    return _make_optimizer(float(cfg["lr"]), int(cfg["total_steps"]), int(cfg["warmup_steps"]),
+                           float(cfg["weight_decay"]), float(cfg["b1"]), float(cfg["b2"]), float(cfg["eps"]),
+                           float(cfg["clip_norm"]), float(cfg["head_lr_mult"]))
+
+
+@functools.lru_cache(maxsize=16)
+def _make_optimizer(lr, total_steps, warmup_steps, weight_decay, b1, b2, eps, clip_norm, head_lr_mult):
+    schedule = make_schedule(lr, total_steps, warmup_steps)
     parts = []
-    if float(cfg.clip_norm) > 0:
-        parts.append(optax.clip_by_global_norm(float(cfg.clip_norm)))
-    parts.append(optax.adamw(schedule, b1=float(cfg.b1), b2=float(cfg.b2), eps=float(cfg.eps),
-                             weight_decay=float(cfg.weight_decay)))
-    mult = float(cfg.get("head_lr_mult", 1.0) if hasattr(cfg, "get") else 1.0)
-    if mult != 1.0:
-        parts.append(scale_matching("'head'", mult))
+    if clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(clip_norm))
+    parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+    if head_lr_mult != 1.0:
+        parts.append(scale_matching("'head'", head_lr_mult))
     return optax.chain(*parts), schedule

@@ -6,32 +6,29 @@ are labels) + ICD/ATC titles from the bundled dictionaries. Two modes:
   trained here on the same corpus). Writes `PRE/base/` (HF folder: config, safetensors, tokenizer).
 - `mode=adapter`: a frozen base (HF folder) + a `DomainLoRA` adapter (Clinical LLaMA-LoRA step 1).
   Writes `PRE/domain_adapter/` (HF PEFT format) for stage 2's `lora.domain_path`.
-Both report held-out perplexity before and after (a 5 % held-out slice of the corpus). What this measures
-is vocabulary/ontology adaptation on open text, not clinical-note adaptation (seeds_peft_retrieval.md A.4).
+Both report held-out perplexity before and after (a 5 % held-out slice of the corpus; the "before" value
+is kept in the checkpoints, so a resumed run still reports it). What this measures is vocabulary/ontology
+adaptation on open text, not clinical-note adaptation.
 """
 from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
 from leader_jax.cli import UserError
-from leader_jax.io import progress
 from leader_jax.models import lora
 from leader_jax.models.teacher import causal_lm_loss
-from leader_jax.train import common, text_batches as tdata, distributed
-from leader_jax.train.engine import Checkpointer, Engine, StepTimer
-from leader_jax.train.optim import make_optimizer
+from leader_jax.train import common, loop, text_batches as tdata, distributed
+from leader_jax.train.engine import Checkpointer, Engine
 
-
+MODES = ("full", "adapter")
 
 # ----------------------------------------------------------------------------------------- corpus
 def read_titles(spec: str) -> list[str]:
@@ -72,7 +69,7 @@ def build_corpus(cfg: ConfigDict, prepared) -> tuple[list[str], dict[str, int]]:
 
     prompts = [build_prompt(s, prepared.vocab, max_history=cfg.data.max_history, profile=cfg.data.profile)
                for s in prepared.splits["train"]]
-    if cfg.corpus.get("with_targets", False):      # train split only: its drugs are training labels anyway
+    if cfg.corpus.with_targets:      # train split only: its drugs are training labels anyway
         # "BOS prompt EOS drugs EOS": the EOS state, which the teacher pools, learns to predict the drugs
         prompts = [p + tdata.SEGMENT_SEP + display(s.target.medications, prepared.vocab)
                    for p, s in zip(prompts, prepared.splits["train"])]
@@ -127,27 +124,44 @@ def lm_nll(model, b):
 
 def heldout_ppl(engine: Engine, enc: tdata.Encoded, batch_size: int) -> float:
     """exp(total NLL / total target tokens) over the held-out documents."""
-    from jax.experimental import multihost_utils
+    nll, n = loop.gather(engine, enc, batch_size, desc="held-out ppl")
+    return float(math.exp(float(nll.astype(np.float64).sum()) / max(float(n.astype(np.float64).sum()), 1.0)))
 
-    tot, n = 0.0, 0.0
-    for rows, batch in tdata.eval_batches(enc, batch_size, engine.mesh):
-        s, c = engine.predict(batch)
-        if jax.process_count() > 1:
-            s, c = multihost_utils.process_allgather((s, c), tiled=True)
-        tot += float(np.asarray(s)[:len(rows)].sum())
-        n += float(np.asarray(c)[:len(rows)].sum())
-    return float(math.exp(tot / max(n, 1.0)))
+
+def validate_config(cfg: ConfigDict) -> None:
+    """UserError on a bad stage-1 config value (the mesh-dependent batch checks come later)."""
+    if cfg.mode not in MODES:
+        raise UserError(f"mode={cfg.mode!r}; expected {' | '.join(MODES)}")
+    if cfg.model.source not in ("hf", "scratch"):
+        raise UserError(f"model.source={cfg.model.source!r}; expected hf | scratch")
+    if cfg.mode == "adapter" and cfg.model.source != "hf":
+        raise UserError("mode=adapter trains a domain adapter on a pretrained base: set model.source=hf")
+    if not 0 < float(cfg.corpus.heldout_fraction) < 1:
+        raise UserError(f"corpus.heldout_fraction={cfg.corpus.heldout_fraction} must be in (0, 1)")
+    for k in ("max_titles", "pack_chars"):
+        if int(cfg.corpus[k]) < 0:
+            raise UserError(f"corpus.{k} must be >= 0, got {cfg.corpus[k]}")
+    for k in ("max_len", "max_history"):
+        if int(cfg.data[k]) <= (1 if k == "max_len" else -1):
+            raise UserError(f"data.{k}={cfg.data[k]} is out of range")
+    if int(cfg.domain.rank) <= 0 or not 0 <= float(cfg.domain.dropout) < 1:
+        raise UserError(f"domain.rank={cfg.domain.rank} must be > 0 and domain.dropout={cfg.domain.dropout} "
+                        f"in [0, 1)")
+    if int(cfg.eval_batch_size) <= 0:
+        raise UserError(f"eval_batch_size must be positive, got {cfg.eval_batch_size}")
+    if cfg.tokenizer.train and int(cfg.tokenizer.vocab_size) <= 4:
+        raise UserError(f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} is too small")
+    loop.validate_train(cfg.train)
 
 
 def train(cfg: ConfigDict) -> dict[str, Any]:
     from leader_jax.models.llama import save_hf
 
+    validate_config(cfg)
     if not cfg.data_dir:
         raise UserError("set --config.data_dir=PREPARED")
-    if not cfg.get("out"):
+    if not cfg.out:
         raise UserError("set --out PRE (the stage-1 run folder)")
-    if cfg.mode not in ("full", "adapter"):
-        raise UserError(f"mode={cfg.mode!r}; expected full | adapter")
     run, prepared = common.start_run(cfg)
     docs, corpus_info = build_corpus(cfg, prepared)
     held_docs, train_docs = split_heldout(docs, cfg.corpus.heldout_fraction)
@@ -179,47 +193,29 @@ def train(cfg: ConfigDict) -> dict[str, Any]:
     held_enc = tdata.encode_texts(held_docs, tok, special, cfg.data.max_len)
 
     tr = cfg.train
-    try:
-        tx, schedule = make_optimizer(ConfigDict({**tr.optim.to_dict(), "total_steps": tr.steps}))
-    except ValueError as e:
-        raise UserError(f"train.optim / train.steps: {e}") from None
-    engine = Engine(model, trainable, tx, mesh, lm_loss, frozen_dtype=mcfg.frozen_dtype, predict_fn=lm_nll,
-                    tx_key=json.dumps({**tr.optim.to_dict(), "steps": tr.steps}, sort_keys=True))
+    tx, schedule = loop.make_tx(tr)
+    engine = Engine(model, trainable, tx, mesh, lm_loss, frozen_dtype=mcfg.frozen_dtype, predict_fn=lm_nll)
     ckpt = Checkpointer(run / "checkpoints", max_to_keep=2)
-    resumed = tr.resume and ckpt.latest_step() is not None
-    ppl_before = None
-    if resumed:
-        engine.restore(ckpt)
-    else:
-        ppl_before = heldout_ppl(engine, held_enc, cfg.eval_batch_size)
+    identity = common.run_identity(cfg, prepared.fingerprint())
+    meta = loop.resume(engine, ckpt, tr, identity, run)
+    if meta is not None and meta.get("heldout_ppl_before") is not None:
+        ppl_before = float(meta["heldout_ppl_before"])
+    else:                                       # a fresh run (or a checkpoint without the value)
+        ppl_before = heldout_ppl(engine, held_enc, cfg.eval_batch_size) if engine.step == 0 else None
     log = common.open_log(run, engine.step)
-    timer, t0 = StepTimer(), time.perf_counter()
-    bar = progress(total=tr.steps, initial=engine.step, desc="pretrain", unit="step",
-                   disable=None if distributed.is_main_process() else True)
-    stop = int(tr.stop_after) if tr.get("stop_after") else None
-    while engine.step < tr.steps:
-        if stop is not None and engine.step >= stop:
-            break
-        step = engine.step
-        batch, n_tok = tdata.train_batch(train_enc, step, tr.accum, tr.micro_batch, cfg.seed, mesh)
-        m = engine.train_step(batch)
-        log.log({"step": engine.step, "loss": m["loss"], "grad_norm": m["grad_norm"], "lr": float(schedule(step)),
-                 **timer.lap(n_tok), "data_position": engine.step * tr.accum * tr.micro_batch})
-        bar.update(1)
-        bar.set_postfix(loss=f"{m['loss']:.3f}")
-        if (tr.ckpt_every and engine.step % tr.ckpt_every == 0) or engine.step == tr.steps:
-            engine.save(ckpt, {"data_position": engine.step * tr.accum * tr.micro_batch})
-    bar.close()
+    res = loop.fit(engine, ckpt, tr, log=log, desc="pretrain", schedule=schedule,
+                   next_batch=lambda step: tdata.train_batch(train_enc, step, tr.accum, tr.micro_batch,
+                                                             cfg.seed, mesh),
+                   meta=lambda: {**identity, "heldout_ppl_before": ppl_before})
     summary = {**corpus_info, "n_train_docs": len(train_docs), "n_heldout_docs": len(held_docs),
-               "train_truncated": train_enc.n_truncated, "mode": cfg.mode, "steps_done": engine.step,
+               "train_truncated": train_enc.n_truncated, "mode": cfg.mode, "steps_done": res.steps_done,
                "n_trainable": engine.n_trainable(), "n_frozen": engine.n_frozen(),
-               "heldout_ppl_before": ppl_before, "train_seconds_this_run": time.perf_counter() - t0,
+               "heldout_ppl_before": ppl_before, "train_seconds_this_run": res.seconds,
                **common.mesh_info(mesh)}
-    if engine.step < tr.steps:
-        common.write_json(run / "summary.json", {**summary, "finished": False})
-        return summary
+    if not res.finished:
+        return loop.write_unfinished(run, summary)
     summary["heldout_ppl_after"] = heldout_ppl(engine, held_enc, cfg.eval_batch_size)
-    trained = nnx.merge(engine.graphdef_eval, distributed.host_copy(engine.trainable), engine.keys,
+    trained = nnx.merge(engine.graphdef_eval, distributed.host_copy(engine.trainable), engine.rng_keys,
                         distributed.host_copy(engine.frozen))
     if cfg.mode == "full":
         base_dir = run / "base"
@@ -240,7 +236,7 @@ def train(cfg: ConfigDict) -> dict[str, Any]:
 def main(cfg: ConfigDict, argv: list[str]) -> None:
     s = train(cfg)
     if distributed.is_main_process():
-        print(json.dumps({k: s.get(k) for k in ("steps_done", "heldout_ppl_before", "heldout_ppl_after")}))
+        print(json.dumps({k: s[k] for k in ("steps_done", "heldout_ppl_before", "heldout_ppl_after") if k in s}))
 
 
 if __name__ == "__main__":

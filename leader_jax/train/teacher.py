@@ -3,14 +3,14 @@
 Loads the base LLaMA (+ the stage-1 domain adapter, frozen or trainable), adds a task adapter and the
 drug head, and trains them with sigmoid BCE on the teacher prompts (sharded, gradient accumulation,
 warmup + linear decay, clipping, optional bf16 frozen base and remat). Every `train.eval_every` steps the
-validation PRAUC is computed and the best step's trainable weights are kept (leader.md D13). Writes
+validation PRAUC is computed and the best step's trainable weights are kept in `RUN/best/` (the final
+adapters, head and predictions come from that step). Writes
 `RUN/metrics.jsonl`, `RUN/checkpoints/` (resume), `RUN/best/`, `RUN/adapters/task/` (HF PEFT format),
 `RUN/head.npy`, `RUN/predictions/{val,test}.npz`, `RUN/run.json`, `RUN/config.json`, `RUN/summary.json`.
 """
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +21,27 @@ from ml_collections import ConfigDict
 
 from leader_jax import sharding as shd
 from leader_jax.cli import UserError
-from leader_jax.io import progress
 from leader_jax.models import lora
 from leader_jax.models.teacher import HeadParam, Teacher, bce_loss
-from leader_jax.train import common, text_batches as tdata, distributed
-from leader_jax.train.engine import Checkpointer, Engine, StepTimer, place
-from leader_jax.train.optim import make_optimizer
+from leader_jax.train import common, loop, text_batches as tdata, distributed
+from leader_jax.train.engine import Checkpointer, Engine, place
+
+POOLS = ("last", "mean")
+SOURCES = ("hf", "scratch")
+FROZEN_DTYPES = ("float32", "bfloat16", "float16")
 
 
 # ----------------------------------------------------------------------------------------- building
 def trainable_filter(cfg: ConfigDict):
-    if cfg.model.get("trainable_base", False):       # full fine-tuning (tiny from-scratch models)
-        return nnx.Param
+    """What stage 2 trains: head + task adapter (+ the domain adapter when `lora.domain_trainable`);
+    `model.trainable_base` adds every base weight, never a domain adapter that is meant to stay frozen."""
+    domain_trainable = bool(cfg.lora.domain_path) and bool(cfg.lora.domain_trainable)
+    if cfg.model.trainable_base:                      # full fine-tuning (tiny from-scratch models)
+        return nnx.Param if domain_trainable else nnx.All(nnx.Param, nnx.Not(lora.DomainLoRA))
     parts = [HeadParam]
     if cfg.lora.task.rank > 0:
         parts.append(lora.TaskLoRA)
-    if cfg.lora.domain_path and cfg.lora.domain_trainable:
+    if domain_trainable:
         parts.append(lora.DomainLoRA)
     return nnx.Any(*parts)
 
@@ -53,8 +58,8 @@ def build_teacher(cfg: ConfigDict, n_med: int, mesh) -> Teacher:
         lora.add_adapter(base, "task", t.targets, rank=t.rank, alpha=t.alpha, dropout=t.dropout,
                          param_type=lora.TaskLoRA, seed=cfg.seed + 1)
     with nnx.use_eager_sharding(False):
-        teacher = Teacher(base, n_med, rngs=nnx.Rngs(cfg.seed + 2), pool=cfg.model.get("pool", "last"),
-                          head_norm=bool(cfg.model.get("head_norm", False)))
+        teacher = Teacher(base, n_med, rngs=nnx.Rngs(cfg.seed + 2), pool=cfg.model.pool,
+                          head_norm=bool(cfg.model.head_norm))
     return place(teacher, mesh)
 
 
@@ -72,6 +77,11 @@ def tokenizer_path(cfg: ConfigDict) -> str:
     return cfg.tokenizer or cfg.model.path
 
 
+def eval_max_len(cfg: ConfigDict) -> int:
+    """Length limit of predictions and features (`data.eval_max_len`; 0 = `data.max_len`)."""
+    return int(cfg.data.eval_max_len) or int(cfg.data.max_len)
+
+
 def encode_split(cfg: ConfigDict, prepared, split: str, tokenizer, special,
                  training: bool | None = None) -> tdata.Encoded:
     """Training encoding (max_len, overlong samples dropped) for the train split during training;
@@ -80,7 +90,7 @@ def encode_split(cfg: ConfigDict, prepared, split: str, tokenizer, special,
     if not samples:
         raise UserError(f"prepared data {cfg.data_dir}: split {split!r} is empty")
     is_train = (split == "train") if training is None else training
-    max_len = cfg.data.max_len if is_train else (cfg.data.get("eval_max_len") or cfg.data.max_len)
+    max_len = cfg.data.max_len if is_train else eval_max_len(cfg)
     try:
         return tdata.encode_samples(samples, prepared.vocab, tokenizer, special, max_len,
                                     max_history=cfg.data.max_history, profile=cfg.data.profile,
@@ -92,17 +102,8 @@ def encode_split(cfg: ConfigDict, prepared, split: str, tokenizer, special,
 
 def predict_split(engine: Engine, enc: tdata.Encoded, batch_size: int, desc: str = "predict"):
     """(probs float32 [N, n_med], pooled float32 [N, D]) over a whole split (process-gathered)."""
-    from jax.experimental import multihost_utils
-
-    probs, pooled = [], []
-    for rows, batch in progress(tdata.eval_batches(enc, batch_size, engine.mesh), desc=desc,
-                                total=-(-len(enc) // batch_size), unit="batch"):
-        p, h = engine.predict(batch)
-        if jax.process_count() > 1:
-            p, h = multihost_utils.process_allgather((p, h), tiled=True)
-        probs.append(np.asarray(p)[:len(rows)])
-        pooled.append(np.asarray(h)[:len(rows)])
-    return np.concatenate(probs).astype(np.float32), np.concatenate(pooled).astype(np.float32)
+    probs, pooled = loop.gather(engine, enc, batch_size, desc=desc)
+    return probs.astype(np.float32), pooled.astype(np.float32)
 
 
 def set_head_stats(engine: Engine, enc: tdata.Encoded, batch_size: int) -> None:
@@ -129,20 +130,71 @@ def val_prauc(y_true: np.ndarray, y_prob: np.ndarray) -> float:
 
 
 # ----------------------------------------------------------------------------------------- training
-def check_config(cfg: ConfigDict) -> None:
-    if not cfg.data_dir:
-        raise UserError("set --config.data_dir=PREPARED (a folder written by python -m leader_jax.data.prepare)")
-    if not cfg.get("out"):
-        raise UserError("set --out RUN (the run folder)")
-    tr = cfg.train
-    for k in ("steps", "micro_batch", "accum"):
-        if int(tr[k]) <= 0:
-            raise UserError(f"train.{k} must be positive, got {tr[k]}")
+def validate_config(cfg: ConfigDict) -> None:
+    """UserError on a bad stage-2 config value (the mesh-dependent batch checks come later)."""
+    m = cfg.model
+    if m.source not in SOURCES:
+        raise UserError(f"model.source={m.source!r}; expected {' | '.join(SOURCES)}")
+    if m.pool not in POOLS:
+        raise UserError(f"model.pool={m.pool!r}; expected {' | '.join(POOLS)}")
+    if m.frozen_dtype not in FROZEN_DTYPES:
+        raise UserError(f"model.frozen_dtype={m.frozen_dtype!r}; expected {' | '.join(FROZEN_DTYPES)}")
+    d = cfg.data
+    if int(d.max_len) <= 2 or int(d.eval_max_len) < 0 or int(d.max_history) < 0:
+        raise UserError(f"data.max_len={d.max_len} must be > 2, data.eval_max_len={d.eval_max_len} and "
+                        f"data.max_history={d.max_history} >= 0")
+    t = cfg.lora.task
+    if int(t.rank) < 0 or not 0 <= float(t.dropout) < 1:
+        raise UserError(f"lora.task.rank={t.rank} must be >= 0 (0 = no task adapter) and lora.task.dropout="
+                        f"{t.dropout} in [0, 1)")
+    if cfg.lora.domain_trainable and not cfg.lora.domain_path:
+        raise UserError("lora.domain_trainable=True needs lora.domain_path (a stage-1 domain adapter)")
+    if int(cfg.train.eval_every) < 0:
+        raise UserError(f"train.eval_every must be >= 0 (0 = keep the last step), got {cfg.train.eval_every}")
+    if int(cfg.eval.batch_size) <= 0:
+        raise UserError(f"eval.batch_size must be positive, got {cfg.eval.batch_size}")
+    loop.validate_train(cfg.train)
+
+
+class BestKeeper:
+    """The best-validation weights in RUN/best (every kept step; pruned explicitly). A step's best is
+    kept until a later regular checkpoint records a newer one, so a resumed run (which replays every
+    step after its checkpoint, validations included) always finds the best of the step it restored."""
+
+    def __init__(self, run: Path):
+        self.ckpt = Checkpointer(run / "best", max_to_keep=None)
+        self.val, self.step = -1.0, -1
+
+    def resumed(self, meta: dict | None, step: int) -> None:
+        """State of the restored checkpoint; bests written after it (they will be replayed) are dropped."""
+        if meta is not None:
+            self.val, self.step = float(meta["best_val"]), int(meta["best_step"])
+        for s in self.ckpt.steps():
+            if s > step:
+                self.ckpt.delete(s)
+
+    def offer(self, engine: Engine, val: float) -> None:
+        if val > self.val:
+            self.val, self.step = val, engine.step
+            self.ckpt.save(engine.step, engine.trainable, None, {"step": engine.step, "val_prauc": val})
+
+    def prune(self) -> None:
+        """Drop kept steps older than the current best (only once a regular checkpoint recorded it)."""
+        for s in self.ckpt.steps():
+            if s < self.step:
+                self.ckpt.delete(s)
+
+    def meta(self) -> dict:
+        return {"best_val": self.val, "best_step": self.step}
 
 
 def train(cfg: ConfigDict) -> dict[str, Any]:
     """Run stage 2 in `cfg.out`; returns the summary dict."""
-    check_config(cfg)
+    validate_config(cfg)
+    if not cfg.data_dir:
+        raise UserError("set --config.data_dir=PREPARED (a folder written by python -m leader_jax.data.prepare)")
+    if not cfg.out:
+        raise UserError("set --out RUN (the run folder)")
     run, prepared = common.start_run(cfg)
     mesh = common.make_mesh(cfg)
     tok = common.load_tokenizer(tokenizer_path(cfg))
@@ -157,20 +209,15 @@ def train(cfg: ConfigDict) -> dict[str, Any]:
     except ValueError as e:
         raise UserError(str(e)) from None
     teacher = build_teacher(cfg, prepared.vocab.n_med, mesh)
-    try:
-        tx, schedule = make_optimizer(ConfigDict({**tr.optim.to_dict(), "total_steps": tr.steps}))
-    except ValueError as e:
-        raise UserError(f"train.optim / train.steps: {e}") from None
+    tx, schedule = loop.make_tx(tr)
     engine = Engine(teacher, trainable_filter(cfg), tx, mesh, teacher_loss,
-                    frozen_dtype=cfg.model.frozen_dtype, predict_fn=teacher_predict,
-                    tx_key=json.dumps({**tr.optim.to_dict(), "steps": tr.steps}, sort_keys=True))
+                    frozen_dtype=cfg.model.frozen_dtype, predict_fn=teacher_predict)
     ckpt = Checkpointer(run / "checkpoints", max_to_keep=2)
-    best = Checkpointer(run / "best", max_to_keep=1)
-    best_val, best_step = -1.0, -1
-    if tr.resume and ckpt.latest_step() is not None:
-        meta = engine.restore(ckpt)
-        best_val, best_step = float(meta.get("best_val", -1.0)), int(meta.get("best_step", -1))
-    if cfg.model.get("head_norm", False) and engine.step == 0:
+    best = BestKeeper(run)
+    identity = common.run_identity(cfg, prepared.fingerprint())
+    meta = loop.resume(engine, ckpt, tr, identity, run)
+    best.resumed(meta, engine.step)
+    if cfg.model.head_norm and engine.step == 0:
         set_head_stats(engine, train_enc, int(cfg.eval.batch_size))
     log = common.open_log(run, engine.step)
     info = {"n_trainable": engine.n_trainable(), "n_frozen": engine.n_frozen(), **common.mesh_info(mesh),
@@ -180,43 +227,29 @@ def train(cfg: ConfigDict) -> dict[str, Any]:
             "train_dropped_overlong": len(train_enc.dropped_ids)}
     eval_bs = int(cfg.eval.batch_size)
 
-    timer, t_start = StepTimer(), time.perf_counter()
-    stop = int(tr.stop_after) if tr.get("stop_after") else None
-    bar = progress(total=tr.steps, initial=engine.step, desc="teacher", unit="step",
-                   disable=None if distributed.is_main_process() else True)
-    while engine.step < tr.steps:
-        if stop is not None and engine.step >= stop:
-            break                                              # simulated kill (tests)
-        step = engine.step
-        batch, n_tok = tdata.train_batch(train_enc, step, tr.accum, tr.micro_batch, cfg.seed, mesh)
-        m = engine.train_step(batch)
-        rec = {"step": engine.step, "loss": m["loss"], "grad_norm": m["grad_norm"],
-               "lr": float(schedule(step)), **timer.lap(n_tok),
-               "data_position": engine.step * tr.accum * tr.micro_batch}
-        if tr.eval_every and (engine.step % tr.eval_every == 0 or engine.step == tr.steps):
-            probs, _ = predict_split(engine, val_enc, eval_bs, desc="val")
-            rec["val_prauc"] = val_prauc(val_enc.labels, probs)
-            if rec["val_prauc"] > best_val:
-                best_val, best_step = rec["val_prauc"], engine.step
-                best.save(engine.step, engine.trainable, None, {"step": engine.step, "val_prauc": best_val})
-            timer.lap(0)                                       # do not bill validation to the next step
-        log.log(rec)
-        bar.update(1)
-        bar.set_postfix(loss=f"{m['loss']:.4f}")
-        if (tr.ckpt_every and engine.step % tr.ckpt_every == 0) or engine.step == tr.steps:
-            engine.save(ckpt, {"best_val": best_val, "best_step": best_step,
-                               "data_position": engine.step * tr.accum * tr.micro_batch})
-    bar.close()
-    train_time = time.perf_counter() - t_start
-    summary = {**info, "steps_done": engine.step, "train_seconds_this_run": train_time,
-               "best_step": best_step, "best_val_prauc": best_val}
-    if engine.step < tr.steps:                                 # stopped early (stop_after)
-        common.write_json(run / "summary.json", {**summary, "finished": False})
-        return summary
+    def validate(done: int) -> dict | None:
+        if not tr.eval_every or (done % tr.eval_every and done != tr.steps):
+            return None
+        probs, _ = predict_split(engine, val_enc, eval_bs, desc="val")
+        val = val_prauc(val_enc.labels, probs)
+        best.offer(engine, val)
+        return {"val_prauc": val}
 
-    # ---- final: best weights (D13) -> adapters, head, predictions
-    if best_step > 0:
-        tr_best, _, _ = best.restore(best_step, jax.tree.map(
+    def ckpt_meta() -> dict:
+        return {**identity, **best.meta()}
+
+    res = loop.fit(engine, ckpt, tr, log=log, desc="teacher", schedule=schedule, after_step=validate,
+                   next_batch=lambda step: tdata.train_batch(train_enc, step, tr.accum, tr.micro_batch,
+                                                             cfg.seed, mesh),
+                   meta=ckpt_meta, after_checkpoint=best.prune)
+    summary = {**info, "steps_done": res.steps_done, "train_seconds_this_run": res.seconds,
+               "best_step": best.step, "best_val_prauc": best.val}
+    if not res.finished:                                       # stopped early (stop_after)
+        return loop.write_unfinished(run, summary)
+
+    # ---- final: the best step's weights -> adapters, head, predictions
+    if best.step > 0:
+        tr_best, _, _ = best.ckpt.restore(best.step, jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), engine.trainable))
         engine.trainable = tr_best
     finish(cfg, engine, prepared, tok, special, run, summary)
@@ -225,7 +258,7 @@ def train(cfg: ConfigDict) -> dict[str, Any]:
 
 def finish(cfg, engine: Engine, prepared, tok, special, run: Path, summary: dict) -> None:
     host = distributed.host_copy(engine.trainable)           # collective: every process calls it
-    model = nnx.merge(engine.graphdef_eval, host, engine.keys, engine.frozen)
+    model = nnx.merge(engine.graphdef_eval, host, engine.rng_keys, engine.frozen)
     if distributed.is_main_process():
         if cfg.lora.task.rank > 0:
             lora.save_adapter(model.llama, "task", run / "adapters" / "task",
@@ -242,11 +275,11 @@ def finish(cfg, engine: Engine, prepared, tok, special, run: Path, summary: dict
         probs, _ = predict_split(engine, enc, int(cfg.eval.batch_size), desc=split)
         if distributed.is_main_process():
             write_predictions(run, split, ids=enc.sample_ids, y_true=enc.labels, y_prob=probs,
-                              single_visit=enc.single_visit)
+                              single_visit=enc.single_visit, data_fingerprint=prepared.fingerprint())
         summary[f"{split}_prauc"] = val_prauc(enc.labels, probs)
         summary[f"{split}_truncated"] = enc.n_truncated
     common.write_json(run / "run.json", {"data_dir": str(Path(cfg.data_dir).absolute()), "model": "teacher",
-                                         "config": cfg.get("config_name", ""), "best_step": summary["best_step"],
+                                         "config": cfg.config_name, "best_step": summary["best_step"],
                                          "checkpoint": str((run / "best").absolute())})
     common.write_json(run / "summary.json", {**summary, "finished": True})
 

@@ -1,8 +1,9 @@
 """Prompt tokenisation and deterministic, per-process batches for the teacher (and stage-1 text).
 
-Encoding (leader.md D10-D12): `BOS + prompt + EOS`, explicit lengths, right padding to a static length.
-A prompt that does not fit loses its *oldest shown* history visits first (D11), never the current visit;
-truncations are counted. A prompt whose current visit alone does not fit is an error naming the sample.
+Encoding: `BOS + prompt + EOS`, explicit lengths, right padding to a static length (the teacher pools the
+EOS state at index `length - 1`). A prompt that does not fit loses its *oldest shown* history visits first,
+never the current visit; truncations are counted. A prompt whose current visit alone does not fit is
+dropped and listed (training split) or an error naming the sample (evaluation splits, features).
 
 Batches: the sample order is an endless concatenation of per-epoch permutations seeded by (seed, epoch),
 and step `s` takes stream positions `[s*G, (s+1)*G)`, G = accumulation x micro-batch. The data position is
@@ -49,14 +50,16 @@ class SpecialIds:
                     return int(i)
             return None
 
-        bos = bos if bos is not None else (getattr(tokenizer, "bos_token_id", None) or tok_id("<s>", "<bos>"))
-        eos = eos if eos is not None else (getattr(tokenizer, "eos_token_id", None) or tok_id("</s>", "<eos>"))
-        if pad is None:
-            pad = getattr(tokenizer, "pad_token_id", None)
-            pad = pad if pad is not None else tok_id("<pad>", "<unk>")
+        def first(*candidates):             # id 0 is a valid token id: only None means "missing"
+            return next((c for c in candidates if c is not None), None)
+
+        bos = first(bos, getattr(tokenizer, "bos_token_id", None), tok_id("<s>", "<bos>"))
+        eos = first(eos, getattr(tokenizer, "eos_token_id", None), tok_id("</s>", "<eos>"))
+        pad = first(pad, getattr(tokenizer, "pad_token_id", None), tok_id("<pad>", "<unk>"), 0)
         if bos is None or eos is None:
-            raise ValueError("tokenizer has no BOS/EOS token; set data.bos_id / data.eos_id")
-        return cls(int(bos), int(eos), int(pad if pad is not None else 0))
+            raise ValueError("the tokenizer has no BOS/EOS token (bos_token_id/eos_token_id, or a <s>/</s> "
+                             "or <bos>/<eos> token)")
+        return cls(int(bos), int(eos), int(pad))
 
 
 @dataclasses.dataclass
