@@ -30,5 +30,5 @@ def get_config():
     c.train.accum = 2
     c.train.optim.update(dict(lr=3e-4, warmup_steps=60, weight_decay=0.0, b1=0.9, b2=0.999, clip_norm=1.0))
     c.train.ckpt_every = 200
-    c.eval_batch_size = 16
+    c.eval.batch_size = 16
     return c

@@ -59,7 +59,8 @@ def get_config() -> ConfigDict:
     c.train.ckpt_every = 100
     c.train.resume = True
     c.train.stop_after = 0
-    c.eval_batch_size = 64
+    c.eval = ConfigDict()
+    c.eval.batch_size = 64             # held-out perplexity batch (multiple of the batch parallelism)
 
     c.distributed = ConfigDict(dict(coordinator="", num_processes=0, process_id=0, auto=False))
     return c

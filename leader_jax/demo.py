@@ -223,11 +223,33 @@ def run_demo(cfg: ConfigDict) -> str:
     return table
 
 
+DATASETS = ("eicu", "mimic3", "mimic4")
+
+
+def validate_config(cfg: ConfigDict) -> None:
+    """The demo's own fields, then every stage's effective config through that stage's validate_config,
+    so a bad stage setting fails before the first stage runs."""
+    if cfg.dataset not in DATASETS:
+        raise cli.UserError(f"demo dataset={cfg.dataset!r}: expected {' | '.join(DATASETS)}")
+    if int(cfg.tokenizer_vocab) <= 4:
+        raise cli.UserError(f"demo tokenizer_vocab={cfg.tokenizer_vocab} is too small")
+    from leader_jax import baselines, eval as evaluation
+    from leader_jax.data import prepare
+    from leader_jax.train import extract_features, pretrain, student, teacher
+
+    checks = {"data": prepare, "pretrain": pretrain, "teacher": teacher, "features": extract_features,
+              "student": student, "baseline": baselines, "eval": evaluation}
+    for block, module in checks.items():
+        try:
+            module.validate_config(cfg[block])
+        except cli.UserError as e:
+            raise cli.UserError(f"demo {block}: {e}") from None
+
+
 def main(cfg: ConfigDict, args: list[str]) -> None:
     if args:
         raise cli.UserError(f"unexpected arguments {args}")
-    if cfg.dataset not in ("eicu", "mimic3", "mimic4"):
-        raise cli.UserError(f"demo dataset={cfg.dataset!r}: expected eicu | mimic3 | mimic4")
+    validate_config(cfg)
     run_demo(cfg)
 
 

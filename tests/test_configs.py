@@ -50,3 +50,34 @@ def test_every_config_file_has_a_stage():
 def test_bundled_config_validates(name):
     cfg = load_config(name)
     importlib.import_module(STAGE_OF[name.partition(":")[0]]).validate_config(cfg)
+
+
+# one bad value per stage: (config, override, text the one-line error must contain)
+BAD = [
+    ("data.py", {"dataset": "mimic5"}, "mimic5"),
+    ("baselines.py", {"name": "oracle"}, "oracle"),
+    ("eval.py", {"threshold": 1.5}, "threshold"),
+    ("pretrain_tiny.py", {"mode": "lora"}, "mode='lora'"),
+    ("teacher_tiny.py", {"model.pool": "max"}, "model.pool='max'"),
+    ("teacher_tiny.py", {"train.optim.warmup_steps": 10_000}, "warmup_steps"),
+    ("extract_features.py", {"checkpoint": "newest"}, "checkpoint='newest'"),
+    ("student.py", {"loss.align_loss": "kl"}, "loss.align_loss='kl'"),
+    ("demo.py", {"student.train.lr": -1.0}, "demo student"),
+    ("demo.py", {"dataset": "meds_typo"}, "meds_typo"),
+]
+
+
+@pytest.mark.parametrize("name,override,text", BAD, ids=[f"{n}:{next(iter(o))}" for n, o, _ in BAD])
+def test_validator_rejects_bad_value(name, override, text):
+    cfg = load_config(name)
+    with cfg.unlocked():
+        for dotted, value in override.items():
+            *parents, leaf = dotted.split(".")
+            node = cfg
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+    module = importlib.import_module(STAGE_OF[name])
+    with pytest.raises(UserError, match=None) as err:
+        module.validate_config(cfg)
+    assert text in str(err.value) and "\n" not in str(err.value)

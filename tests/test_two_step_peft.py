@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 STAGE1 = {"mode": "adapter", "model.source": "hf", "tokenizer.train": False, "corpus.title_sources": (),
           "data.max_len": 128, "data.max_history": 1, "domain.rank": 4, "domain.alpha": 8.0,
           "train.steps": 3, "train.micro_batch": 8, "train.ckpt_every": 1, "train.optim.lr": 0.03,
-          "train.optim.warmup_steps": 0, "eval_batch_size": 8}
+          "train.optim.warmup_steps": 0, "eval.batch_size": 8}
 STAGE2 = {"model.head_norm": False, "data.max_len": 160, "data.eval_max_len": 256, "data.max_history": 1,
           "lora.task.rank": 4, "train.steps": 2, "train.micro_batch": 8, "train.eval_every": 0,
           "train.ckpt_every": 0, "train.optim.lr": 0.03, "train.optim.warmup_steps": 0, "eval.batch_size": 8,

@@ -45,6 +45,16 @@ def make_mesh(cfg: ConfigDict):
         raise UserError(f"config mesh={shape}: {e}") from None
 
 
+def check_batch_sizes(mesh, sizes: dict[str, int]) -> None:
+    """UserError naming the config field whose batch size is not a multiple of the mesh's batch
+    parallelism (the "batch" entry of LOGICAL_AXIS_RULES)."""
+    try:
+        for name, value in sizes.items():
+            shd.check_batch_size(name, value, mesh)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def llama_overrides(mcfg: ConfigDict) -> dict[str, Any]:
     """LlamaConfig fields the run config overrides: `model.remat`, `model.attention_impl` ("" = XLA)."""
     out = {"remat": mcfg.remat}

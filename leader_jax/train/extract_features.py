@@ -19,7 +19,6 @@ import numpy as np
 import optax
 from ml_collections import ConfigDict
 
-from leader_jax import sharding as shd
 from leader_jax.cli import UserError
 from leader_jax.feature_store import FeatureStoreWriter
 from leader_jax.io import progress
@@ -91,10 +90,7 @@ def extract(cfg: ConfigDict) -> dict[str, Any]:
         prepared = PreparedData.load(tcfg.data_dir)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise UserError(f"cannot load prepared data {tcfg.data_dir} (from {run}/config.json): {e}") from None
-    try:
-        shd.check_batch_size("batch_size", cfg.batch_size, mesh)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    common.check_batch_sizes(mesh, {"batch_size": cfg.batch_size})
     teacher = build_teacher(tcfg, prepared.vocab.n_med, mesh)
     engine = Engine(teacher, trainable_filter(tcfg), optax.identity(), mesh, teacher_loss,
                     frozen_dtype=tcfg.model.frozen_dtype, predict_fn=teacher_predict)

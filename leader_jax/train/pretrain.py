@@ -147,8 +147,8 @@ def validate_config(cfg: ConfigDict) -> None:
     if int(cfg.domain.rank) <= 0 or not 0 <= float(cfg.domain.dropout) < 1:
         raise UserError(f"domain.rank={cfg.domain.rank} must be > 0 and domain.dropout={cfg.domain.dropout} "
                         f"in [0, 1)")
-    if int(cfg.eval_batch_size) <= 0:
-        raise UserError(f"eval_batch_size must be positive, got {cfg.eval_batch_size}")
+    if int(cfg.eval.batch_size) <= 0:
+        raise UserError(f"eval.batch_size must be positive, got {cfg.eval.batch_size}")
     if cfg.tokenizer.train and int(cfg.tokenizer.vocab_size) <= 4:
         raise UserError(f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} is too small")
     loop.validate_train(cfg.train)
@@ -181,6 +181,8 @@ def train(cfg: ConfigDict) -> dict[str, Any]:
             mcfg.arch.bos_token_id, mcfg.arch.eos_token_id, mcfg.arch.pad_token_id = \
                 special.bos, special.eos, special.pad
     mesh = common.make_mesh(cfg)
+    common.check_batch_sizes(mesh, {"train.micro_batch": cfg.train.micro_batch,
+                                    "eval.batch_size": cfg.eval.batch_size})
     conf, model = common.load_base(mcfg, mesh, cfg.seed)
     if cfg.mode == "adapter":
         d = cfg.domain
@@ -201,7 +203,7 @@ def train(cfg: ConfigDict) -> dict[str, Any]:
     if meta is not None and meta.get("heldout_ppl_before") is not None:
         ppl_before = float(meta["heldout_ppl_before"])
     else:                                       # a fresh run (or a checkpoint without the value)
-        ppl_before = heldout_ppl(engine, held_enc, cfg.eval_batch_size) if engine.step == 0 else None
+        ppl_before = heldout_ppl(engine, held_enc, cfg.eval.batch_size) if engine.step == 0 else None
     log = common.open_log(run, engine.step)
     res = loop.fit(engine, ckpt, tr, log=log, desc="pretrain", schedule=schedule,
                    next_batch=lambda step: tdata.train_batch(train_enc, step, tr.accum, tr.micro_batch,
@@ -214,7 +216,7 @@ def train(cfg: ConfigDict) -> dict[str, Any]:
                **common.mesh_info(mesh)}
     if not res.finished:
         return loop.write_unfinished(run, summary)
-    summary["heldout_ppl_after"] = heldout_ppl(engine, held_enc, cfg.eval_batch_size)
+    summary["heldout_ppl_after"] = heldout_ppl(engine, held_enc, cfg.eval.batch_size)
     trained = nnx.merge(engine.graphdef_eval, distributed.host_copy(engine.trainable), engine.rng_keys,
                         distributed.host_copy(engine.frozen))
     if cfg.mode == "full":

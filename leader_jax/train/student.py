@@ -25,7 +25,6 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from leader_jax import sharding
 from leader_jax.cli import UserError
 from leader_jax.io import JsonlLogger, atomic_write_json, atomic_write_text, progress
 from leader_jax.models.student import ALIGN_LOSSES, VISIT_POSITIONS
@@ -102,7 +101,7 @@ def check_out_folder(out: Path) -> None:
         return
     if not out.is_dir():
         raise UserError(f"--out {out} is a file, not a run folder")
-    refuse = f"refusing to write into it (a student run replaces its checkpoints and metrics); choose another --out"
+    refuse = "refusing to write into it (a student run replaces its checkpoints and metrics); choose another --out"
     for name, what in OTHER_RUN_FILES.items():
         if (out / name).exists():
             raise UserError(f"--out {out} holds {name} ({what}), not a student run; {refuse}")
@@ -236,8 +235,7 @@ def _train(cfg: ConfigDict, out: Path, data, store, identity: dict, *, resume: b
     encs, teacher_dim = load_inputs(cfg, data, store)
     caps = bucket_caps(np.concatenate([e.needs for e in encs.values()]), cfg.model.bucket_levels)
     mesh = common.make_mesh(cfg)
-    sharding.check_batch_size("config.train.batch_size", tr.batch_size, mesh)
-    sharding.check_batch_size("config.eval.batch_size", cfg.eval.batch_size, mesh)
+    common.check_batch_sizes(mesh, {"train.batch_size": tr.batch_size, "eval.batch_size": cfg.eval.batch_size})
     mcfg = model_config(cfg, data.vocab, teacher_dim)
     trainer = StudentTrainer(mcfg, loss_config(cfg), lr=tr.lr, seed=cfg.seed, mesh=mesh,
                              inference_kernel=cfg.model.inference_kernel, steps=steps)

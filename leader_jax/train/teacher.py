@@ -19,7 +19,6 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from leader_jax import sharding as shd
 from leader_jax.cli import UserError
 from leader_jax.models import lora
 from leader_jax.models.teacher import HeadParam, Teacher, bce_loss
@@ -203,11 +202,7 @@ def train(cfg: ConfigDict) -> dict[str, Any]:
     val_enc = encode_split(cfg, prepared, "val", tok, special)
 
     tr = cfg.train
-    try:
-        shd.check_batch_size("train.micro_batch", tr.micro_batch, mesh)
-        shd.check_batch_size("eval.batch_size", cfg.eval.batch_size, mesh)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    common.check_batch_sizes(mesh, {"train.micro_batch": tr.micro_batch, "eval.batch_size": cfg.eval.batch_size})
     teacher = build_teacher(cfg, prepared.vocab.n_med, mesh)
     tx, schedule = loop.make_tx(tr)
     engine = Engine(teacher, trainable_filter(cfg), tx, mesh, teacher_loss,
