@@ -22,7 +22,7 @@ CHAN = (("diagnoses", "diag", "top_k_diag"), ("procedures", "proc", "top_k_proc"
         ("medications", "med", "top_k_med"))
 
 
-DEFAULT_TOP_K_MED = {"eicu": 0}   # dataset default for top_k_med=-1 (0 = no limit); others 300
+DEFAULT_TOP_K_MED = {"eicu": 0, "meds": 0}   # dataset default for top_k_med=-1 (0 = no limit); others 300
 
 
 def top_k(cfg, key: str, dataset: str) -> int:
@@ -84,6 +84,20 @@ def split_patients(ids: Sequence[str], cfg) -> Dict[str, List[str]]:
     return {k: sorted(v, key=id_key) for k, v in parts.items()}
 
 
+def given_splits(raw: RawCohort, ids: Sequence[str]) -> Dict[str, List[str]]:
+    """The source's own split (MEDS subject_splits); a cohort patient it does not name is dropped (counted)."""
+    parts = {s: [] for s in SPLITS}
+    for pid in sorted(ids, key=id_key):
+        sp = raw.splits.get(pid)
+        if sp is None:
+            raw.drops.add("patients not in the split file", 1)
+        else:
+            parts[sp].append(pid)
+    if not any(parts.values()):
+        raise ValueError(f"{raw.dataset}: the split file names none of the {len(ids)} cohort patients")
+    return parts
+
+
 def make_samples(p: Patient, protocol: str, visit_profiles: Dict[str, Dict[str, str]]) -> List[Sample]:
     if protocol == "last_visit":
         return [Sample(p.id, p.id, p.visits, dict(visit_profiles[p.visits[-1].id]))]
@@ -98,7 +112,7 @@ def build(raw: RawCohort, cfg) -> PreparedData:
     if not patients:
         raise ValueError(f"{raw.dataset}: no patient left in the cohort (drops: {raw.drops.as_dict()})")
     by_id = {p.id: p for p in patients}
-    split_ids = split_patients(list(by_id), cfg)
+    split_ids = split_patients(list(by_id), cfg) if raw.splits is None else given_splits(raw, list(by_id))
     splits = {s: [x for pid in split_ids[s] for x in make_samples(by_id[pid], cfg.protocol, raw.visit_profiles)]
               for s in SPLITS}
     fields = raw.profile_fields

@@ -25,6 +25,8 @@ class RawCohort:
     ddi_pairs: Optional[tuple] = None            # ((atc_a, atc_b), ...) or None (no DDI graph)
     ddi_codes: Optional[tuple] = None
     notes: List[str] = field(default_factory=list)
+    splits: Optional[Dict[str, str]] = None      # patient id -> train/val/test from the source (MEDS split
+                                                 #     file); None: the seeded patient split
 
 
 def age_bucket(age) -> str:

@@ -1,7 +1,7 @@
 """CLI: raw tables → prepared dataset folder.
 
-    python -m leader_jax.data.prepare --config configs/data.py --config.dataset=mimic3|mimic4|eicu \
-        [--config.raw_dir=DIR] --out OUT
+    python -m leader_jax.data.prepare --config configs/data.py --config.dataset=mimic3|mimic4|eicu|meds \
+        [--config.raw_dir=DIR] [--config.meds.preset=...] --out OUT
 
 Writes vocab.json, samples.jsonl, splits.json, ddi.npy (MIMIC), stats.json, report.md into OUT.
 """
@@ -17,7 +17,8 @@ from leader_jax.cli import REPO_ROOT, UserError, run
 from leader_jax.data.build import build
 from leader_jax.data.dataset import PreparedData
 
-DEMO = {"mimic3": "mimic3_demo", "mimic4": "mimic4_demo", "eicu": "eicu_demo", "synthetic": None}
+DEMO = {"mimic3": "mimic3_demo", "mimic4": "mimic4_demo", "eicu": "eicu_demo", "synthetic": None,
+        "meds": "eicu_demo"}   # meds without raw_dir: the eICU demo, exported to MEDS first
 CHOICES = {"protocol": ("last_visit", "per_visit"), "visit_order": ("admittime", "hadm_id"),
            "split": ("random", "sequential")}
 
@@ -71,6 +72,24 @@ def validate_config(cfg) -> None:
     for field in ("ndc_map", "rxcui_atc", "ddi_pairs", "atc_names"):
         if not isinstance(cfg[field], str) or not cfg[field]:
             bad(field, "expected a file path")
+    validate_meds(cfg.meds)
+
+
+def validate_meds(m) -> None:
+    """The `meds` block: known preset, regexes that compile, templates that fit them, known channels."""
+    from leader_jax.data import meds_presets
+
+    if m.preset != "auto" and m.preset not in meds_presets.PRESETS:
+        raise UserError(f"config meds.preset={m.preset!r}: expected auto or one of {', '.join(meds_presets.PRESETS)}")
+    if isinstance(m.gap_hours, bool) or not isinstance(m.gap_hours, (int, float)):
+        raise UserError(f"config meds.gap_hours={m.gap_hours!r}: expected hours (-1: the preset's, 0: off)")
+    if not isinstance(m.use_split_file, bool):
+        raise UserError(f"config meds.use_split_file={m.use_split_file!r}: expected True or False")
+    if m.preset != "auto":
+        try:
+            meds_presets.check(meds_presets.settings(m))
+        except (ValueError, TypeError) as e:
+            raise UserError(str(e)) from None
 
 
 def prepare_to(out, **overrides) -> PreparedData:
@@ -92,6 +111,8 @@ def read_raw(cfg):
         if DEMO[ds] is None:
             raise UserError("config raw_dir: required for dataset=synthetic")
         raw_dir = str(REPO_ROOT / "data" / DEMO[ds])
+    if ds == "meds":
+        return read_meds(cfg)
     if ds in ("mimic3", "synthetic"):
         raw = mimic.read_mimic3(raw_dir, cfg)
         raw.dataset = ds
@@ -99,6 +120,18 @@ def read_raw(cfg):
     if ds == "mimic4":
         return mimic.read_mimic4(raw_dir, cfg)
     return eicu.read_eicu(raw_dir, cfg)
+
+
+def read_meds(cfg):
+    """A MEDS dataset; without raw_dir, the bundled eICU demo exported to MEDS (a temporary folder)."""
+    from leader_jax.data import meds
+    from leader_jax.data.export_meds import export
+
+    if cfg.raw_dir:
+        return meds.read_meds(cfg.raw_dir, cfg)
+    with tempfile.TemporaryDirectory(prefix="leader_jax_meds_") as tmp:
+        export("eicu", Path(tmp) / "eicu_demo_meds")
+        return meds.read_meds(Path(tmp) / "eicu_demo_meds", cfg)
 
 
 def prepare(cfg) -> PreparedData:

@@ -10,6 +10,9 @@ COHORT = {
               "NDC → RxCUI → ATC-3 into the label space; every patient with ≥1 such visit is kept",
     "eicu": "a visit is an ICU unit stay (patientunitstayid) with ≥1 diagnosis and ≥1 HICL-coded "
             "drug order; a patient is a uniquepid; every patient with ≥1 such stay is kept",
+    "meds": "a visit is a stay of a MEDS dataset (visit-id column, admission → discharge codes or a time-gap "
+            "rule) holding every required channel; codes and labels as the `meds` config and preset define "
+            "them; every patient with ≥1 such visit is kept",
 }
 
 
