@@ -1,0 +1,129 @@
+"""`python -m leader_jax.predict`: drug recommendations for new patients from a trained run.
+
+    python -m leader_jax.predict --config.run_dir=RUN --config.input=patients.jsonl \
+        [--config.out=recs.jsonl] [--config.top_k=10] [--config.threshold=val|0.5] \
+        [--config.ddi_filter=off|drop_lower|penalty] [--config.ddi_penalty=0.25]
+
+Input: one JSON object per line (schema in `leader_jax.patient_input` and docs/predict.md). Output: one
+JSON object per non-blank input line, in input order (`leader_jax.recommender.Recommender.results`).
+A malformed line gives an output record `{"line": N, "status": "error", "error": ...}` and a message on
+stderr; every other line is still predicted and written, and the command then ends with exit status 2
+naming the failed lines. The input is streamed in chunks of `chunk_size` lines, and the output file is
+written atomically.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import time
+from pathlib import Path
+
+from ml_collections import ConfigDict
+
+from leader_jax.cli import UserError
+from leader_jax.ddi_safety import FILTERS
+
+CHECKPOINTS = ("best", "last")
+
+
+def _tmp_path(path: str) -> str:
+    p = Path(path)
+    return str(p.with_name(f".{p.name}.tmp"))
+
+
+def validate_config(cfg: ConfigDict) -> None:
+    """UserError naming the field for a value predict cannot use (files are checked when opened)."""
+    from leader_jax.recommender import is_number
+
+    def need(ok: bool, field: str, what: str) -> None:
+        if not ok:
+            raise UserError(f"predict config {field}={cfg[field]!r}: {what}")
+
+    thr = str(cfg.threshold).strip()
+    need(thr == "val" or (is_number(thr) and 0 < float(thr) <= 1), "threshold",
+         "expected 'val' (tuned on the run's validation predictions) or a number in (0, 1]")
+    need(cfg.ddi_filter in FILTERS, "ddi_filter", f"expected one of {FILTERS}")
+    need(isinstance(cfg.ddi_penalty, (int, float)) and not isinstance(cfg.ddi_penalty, bool)
+         and cfg.ddi_penalty >= 0, "ddi_penalty", "must be a number >= 0")
+    for name, lo in (("top_k", 0), ("batch_size", 1), ("chunk_size", 1)):
+        need(isinstance(cfg[name], int) and not isinstance(cfg[name], bool) and cfg[name] >= lo, name,
+             f"must be an integer >= {lo}")
+    need(cfg.teacher_checkpoint in CHECKPOINTS, "teacher_checkpoint", f"expected one of {CHECKPOINTS}")
+    mesh = tuple(cfg.mesh)
+    need(len(mesh) == 3 and all(isinstance(s, int) and (s >= 1 or s == -1) for s in mesh), "mesh",
+         "expected a (data, fsdp, tensor) tuple of positive sizes (or -1 = the remaining devices)")
+
+
+def run_predict(cfg: ConfigDict, recommender=None) -> dict:
+    """Predict every line of `cfg.input` into `cfg.out` (or stdout); returns counts. Raises UserError
+    after writing everything when some lines failed."""
+    from leader_jax.patient_input import parse_lines
+    from leader_jax.recommender import Recommender
+
+    validate_config(cfg)
+    if not cfg.run_dir:
+        raise UserError("set --config.run_dir=RUN (a finished student or teacher run)")
+    if not cfg.input:
+        raise UserError("set --config.input=patients.jsonl (one patient per line; '-' = stdin)")
+    if cfg.input != "-" and not Path(cfg.input).is_file():
+        raise UserError(f"input file not found: {cfg.input}")
+    rec = recommender or Recommender.load(cfg.run_dir, cfg)
+    t0 = time.perf_counter()
+    counts = {"lines": 0, "ok": 0, "no_prediction": 0, "error": 0}
+    failed: list[int] = []
+    src = sys.stdin if cfg.input == "-" else open(cfg.input, encoding="utf-8")
+    if cfg.out:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+    out = open(_tmp_path(cfg.out), "w", encoding="utf-8") if cfg.out else sys.stdout
+
+    def emit(parsed) -> None:
+        out.write("".join(x + "\n" for x in rec.predict_lines(parsed)))
+        for p in parsed:
+            if p.patient is None:
+                counts["error"] += 1
+                failed.append(p.line)
+                print(f"error: {p.error}", file=sys.stderr)
+            else:
+                counts["ok" if p.patient.sample is not None else "no_prediction"] += 1
+        counts["lines"] += len(parsed)
+
+    try:
+        first = 1
+        while True:
+            lines = list(itertools.islice(src, cfg.chunk_size))
+            if not lines:
+                break
+            parsed = parse_lines(lines, rec.resolver, first_line=first)
+            first += len(lines)
+            emit(parsed)
+        if cfg.out:
+            out.close()
+            os.replace(_tmp_path(cfg.out), cfg.out)        # atomic: the output appears complete or not at all
+    finally:
+        if src is not sys.stdin:
+            src.close()
+        if cfg.out and not out.closed:
+            out.close()
+            Path(_tmp_path(cfg.out)).unlink(missing_ok=True)
+    counts["seconds"] = round(time.perf_counter() - t0, 3)
+    if failed:
+        shown = ", ".join(map(str, failed[:10])) + (", …" if len(failed) > 10 else "")
+        raise UserError(f"{len(failed)} of {counts['lines']} input line(s) failed (line {shown}) and were "
+                        f"written as error records; the other {counts['lines'] - len(failed)} were predicted"
+                        + (f" into {cfg.out}" if cfg.out else ""))
+    return counts
+
+
+def main(cfg: ConfigDict, args: list[str]) -> None:
+    if args:
+        raise UserError(f"unexpected positional arguments: {args}")
+    counts = run_predict(cfg)
+    where = cfg.out or "stdout"
+    print(f"predicted {counts['ok']} patient(s), {counts['no_prediction']} without a prediction "
+          f"(no known code in the current visit) → {where}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    from leader_jax.cli import run
+    run(main, "predict.py", out_flag=False)

@@ -1,0 +1,319 @@
+"""`Recommender`: a trained run (student or teacher) as a drug recommender for new patients.
+
+    from leader_jax import Recommender
+    rec = Recommender.load("runs/student")                 # configs/predict.py defaults
+    rec = Recommender.load("runs/student", ddi_filter="drop_lower", top_k=5)
+    results = rec.predict([{"visits": [{"diagnoses": ["4019"], "procedures": ["3893"]}]}])
+
+Each result is the JSON object `python -m leader_jax.predict` writes for that patient (schema in
+docs/predict.md; input schema in `leader_jax.patient_input`). Patients are encoded from the run's
+prepared-data vocabulary exactly as the model was trained (the student's `encode_samples`, the
+teacher's prompts), so a prepared test patient gets the probabilities of the run's
+`predictions/test.npz`. The model itself is reached through one adapter per model kind
+(`_student_backend`, `_teacher_backend`), the only places that know the training code's API.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+from ml_collections import ConfigDict
+
+from leader_jax import ddi_safety
+from leader_jax.cli import UserError
+from leader_jax.patient_input import CodeResolver, ParsedLine, PatientInput, parse_patient
+
+PROB_DIGITS = 7          # probabilities are written rounded to this many decimals (|error| <= 5e-8)
+
+
+# ------------------------------------------------------------------------------------- model adapters
+def _read_config(run: Path) -> ConfigDict:
+    path = run / "config.json"
+    if not path.is_file():
+        raise UserError(f"{run}: config.json not found (not a training run folder?)")
+    try:
+        return ConfigDict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: invalid JSON ({e})") from None
+
+
+def _student_backend(run: Path, meta: dict, data, cfg: ConfigDict) -> Callable[[Sequence], np.ndarray]:
+    """samples → probabilities [n, n_med] with the run's best student parameters (the student trainer's
+    own restore and predict paths)."""
+    from leader_jax.train import student_inputs as si
+    from leader_jax.train import student_trainer as st
+
+    rcfg = _read_config(run)
+    if not meta.get("finished") or "buckets" not in meta:
+        raise UserError(f"{run}: the student run is not finished (run.json finished={meta.get('finished')}); "
+                        "finish it (re-run the same training command) before predicting")
+    teacher_dim = None
+    if rcfg.distill:     # the KD projector (head_hidden + 1) × teacher_dim is trained, though unused at inference
+        extra = int(meta["n_params"]) - int(meta["n_params_inference"])
+        teacher_dim = extra // (int(rcfg.model.head_hidden) + 1) or None
+    mcfg = st.model_config(rcfg, data.vocab, teacher_dim)
+    trainer = st.StudentTrainer(mcfg, st.loss_config(rcfg), lr=float(rcfg.train.lr), seed=int(rcfg.seed),
+                                inference_kernel=str(rcfg.model.inference_kernel))
+    try:
+        st.restore_params(run, trainer)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"{run}/checkpoints: cannot restore the student ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    caps = [tuple(int(x) for x in c) for c in meta["buckets"]]
+    max_visits = int(rcfg.model.max_visits)
+
+    def encode(samples: Sequence):
+        return si.encode_samples(samples, data.vocab, max_visits)
+
+    def model(enc) -> np.ndarray:
+        top = np.maximum(np.asarray(caps[-1]), enc.needs.max(axis=0)) if len(enc) else np.asarray(caps[-1])
+        run_caps = caps[:-1] + [tuple(int(x) for x in top)]      # new patients may need wider sets
+        try:
+            return trainer.predict(enc, run_caps, cfg.batch_size)
+        except ValueError:     # a patient larger than the first chunk's batch budgets: size them anew
+            trainer.steps.layouts.clear()
+            return trainer.predict(enc, run_caps, cfg.batch_size)
+
+    def predict(samples: Sequence) -> np.ndarray:
+        return model(encode(samples))
+
+    predict.encode, predict.model, predict.trainer = encode, model, trainer     # for scripts/bench_predict.py
+    return predict
+
+
+def _teacher_backend(run: Path, meta: dict, data, cfg: ConfigDict) -> Callable[[Sequence], np.ndarray]:
+    """samples → probabilities with the teacher of RUN: base model + adapters + head from its checkpoint,
+    prompts from its config (needs the base model folder and the tokenizer the run was trained with)."""
+    import optax
+
+    from leader_jax.train import common
+    from leader_jax.train import text_batches as tdata
+    from leader_jax.train.engine import Engine, _abstract
+    from leader_jax.train.extract_features import load_teacher_run
+    from leader_jax.train import teacher as tt
+
+    rcfg = _read_config(run)
+    tok_path = tt.tokenizer_path(rcfg)
+    if not tok_path or not Path(tok_path).exists():
+        raise UserError(f"{run}: the teacher needs its tokenizer, but {tok_path or '(none set)'} is missing "
+                        "(config.json tokenizer / model.path); restore it at that path to predict")
+    if rcfg.model.source == "hf" and not (Path(rcfg.model.path) / "config.json").is_file():
+        raise UserError(f"{run}: the teacher needs its base model, but {rcfg.model.path or '(none set)'} holds "
+                        "no HF LLaMA (config.json model.path); restore it at that path to predict")
+    tcfg, ckpt, info = load_teacher_run(run, cfg.teacher_checkpoint, tuple(cfg.mesh))
+    mesh = common.make_mesh(tcfg)
+    common.check_batch_sizes(mesh, {"batch_size": cfg.batch_size})
+    tok = common.load_tokenizer(tok_path)
+    special = tdata.SpecialIds.from_tokenizer(tok)
+    engine = Engine(tt.build_teacher(tcfg, data.vocab.n_med, mesh), tt.trainable_filter(tcfg), optax.identity(),
+                    mesh, tt.teacher_loss, frozen_dtype=tcfg.model.frozen_dtype, predict_fn=tt.teacher_predict)
+    engine.trainable, _, _ = ckpt.restore(info["step"], _abstract(engine.trainable))
+
+    def predict(samples: Sequence) -> np.ndarray:
+        try:
+            enc = tdata.encode_samples(samples, data.vocab, tok, special, tt.eval_max_len(tcfg),
+                                       max_history=tcfg.data.max_history, profile=tcfg.data.profile,
+                                       split="input", overlong="error")
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        return tt.predict_split(engine, enc, cfg.batch_size, desc="predict")[0]
+
+    return predict
+
+
+BACKENDS = {"student": _student_backend, "teacher": _teacher_backend}
+
+
+# ------------------------------------------------------------------------------------------ recommender
+class Recommender:
+    """A loaded run: `predict(patients)` → one result dict per patient (see docs/predict.md)."""
+
+    def __init__(self, run: Path, cfg: ConfigDict, model: str, data, predict_fn, threshold: float,
+                 threshold_source: str):
+        self.run, self.cfg, self.model, self.data = run, cfg, model, data
+        self.vocab = data.vocab
+        self.ddi = data.ddi
+        self.threshold = float(threshold)
+        self.threshold_source = threshold_source
+        self._predict_fn = predict_fn
+        self.resolver = CodeResolver(data.vocab)
+        self.ddi_graph = ddi_safety.graph_note(data) if data.ddi is not None else None
+        self._sym = ddi_safety.symmetric(data.ddi) if data.ddi is not None else None
+
+    @classmethod
+    def load(cls, run_dir: str | Path, config: ConfigDict | None = None, **overrides) -> "Recommender":
+        """Load RUN (a finished student or teacher run). `config`: a predict config (default:
+        configs/predict.py); `overrides`: fields to change, e.g. `ddi_filter="drop_lower"`."""
+        from leader_jax.cli import load_config
+        from leader_jax.eval import load_prepared, read_run_json
+        from leader_jax.predict import validate_config
+
+        cfg = load_config("predict.py") if config is None else ConfigDict(config.to_dict())
+        with cfg.unlocked():
+            cfg.run_dir = str(run_dir)
+            for k, v in overrides.items():
+                if k not in cfg:
+                    from leader_jax.cli import unknown_field
+                    raise UserError(f"Recommender.load: {unknown_field(cfg, k)}")
+                try:
+                    cfg[k] = str(v) if k == "threshold" else v        # threshold: "val" or a number
+                except TypeError as e:
+                    raise UserError(f"Recommender.load: {k}={v!r}: {e}") from None
+        validate_config(cfg)
+        run = Path(run_dir)
+        if not run.is_dir():
+            raise UserError(f"run folder not found: {run}")
+        meta = read_run_json(run)
+        model = meta.get("model")
+        if model not in BACKENDS:
+            raise UserError(f"{run / 'run.json'}: model {model!r}; predict works on runs of "
+                            f"{sorted(BACKENDS)} (python -m leader_jax.train.student / .teacher)")
+        if not meta.get("data_dir"):
+            raise UserError(f"{run / 'run.json'}: names no data_dir (the prepared data the run was trained on)")
+        data = load_prepared(meta["data_dir"])
+        threshold, source = resolve_threshold(cfg.threshold, run)
+        predict_fn = BACKENDS[model](run, meta, data, cfg)
+        return cls(run, cfg, model, data, predict_fn, threshold, source)
+
+    # --------------------------------------------------------------------------------------- inputs
+    def parse(self, patients: Iterable[Any]) -> list[PatientInput]:
+        """Patient objects (dicts in the input schema) → checked inputs; a schema error is a UserError
+        naming the patient's position."""
+        from leader_jax.patient_input import PatientError
+
+        out = []
+        for i, obj in enumerate(patients):
+            try:
+                out.append(parse_patient(obj, self.resolver, f"patient{i}"))
+            except PatientError as e:
+                raise UserError(f"patient {i}: {e}") from None
+        return out
+
+    def predict_proba(self, inputs: Sequence[PatientInput]) -> np.ndarray:
+        """float32 [n, n_med] probabilities; rows of patients without a prediction are NaN."""
+        out = np.full((len(inputs), self.vocab.n_med), np.nan, dtype=np.float32)
+        rows = [i for i, p in enumerate(inputs) if p.sample is not None]
+        if rows:
+            out[rows] = self._predict_fn([inputs[i].sample for i in rows])
+        return out
+
+    def predict(self, patients: Iterable[Any]) -> list[dict[str, Any]]:
+        """One result dict per patient object: the CLI's output lines, parsed."""
+        inputs = self.parse(patients)
+        return [json.loads(x) for x in self.render(inputs, self.predict_proba(inputs))]
+
+    def predict_lines(self, parsed: Sequence[ParsedLine], probs: np.ndarray | None = None) -> list[str]:
+        """The CLI's output lines (JSON text, no newline) for parsed JSONL lines, in order; a malformed
+        line gives an error record. `probs`: `predict_proba` of the valid lines, if already computed."""
+        ok = [p.patient for p in parsed if p.patient is not None]
+        res = iter(self.render(ok, self.predict_proba(ok) if probs is None else probs))
+        return [f'{{"line": {p.line}, "status": "error", "error": {json.dumps(p.error, ensure_ascii=False)}}}'
+                if p.patient is None else f'{{"line": {p.line}, {next(res)[1:]}' for p in parsed]
+
+    # --------------------------------------------------------------------------------------- outputs
+    @functools.cached_property
+    def _fragments(self) -> tuple[list[str], np.ndarray]:
+        """JSON text of each drug (up to its probability) and of each interacting pair of the graph."""
+        names = self.vocab.names
+        code = list(self.vocab.med)
+        name = [names.get(t, t.partition(":")[2] or t) for t in code]
+        drug = ['{"code": ' + json.dumps(c, ensure_ascii=False) + ', "name": ' + json.dumps(n, ensure_ascii=False)
+                + ', "probability": ' for c, n in zip(code, name)]
+        m = len(code)
+        pairs = np.full(m * m, "", dtype=object)                  # pair lo·m + hi → its JSON text
+        if self._sym is not None:
+            for a, b in zip(*np.nonzero(np.triu(self._sym, 1))):
+                pairs[a * m + b] = json.dumps({"drugs": [code[a], code[b]], "names": [name[a], name[b]]},
+                                              ensure_ascii=False)
+        return drug, pairs
+
+    def render(self, inputs: Sequence[PatientInput], probs: np.ndarray) -> list[str]:
+        """One JSON object (text) per patient: the drugs ranked by probability (`top_k`), the
+        recommended set at the threshold after the DDI filter, the interacting pairs left in it, the
+        drugs the filter removed, the unknown codes. Built as text, vectorised over patients (the CLI's
+        throughput); `predict` parses it, so the API and the CLI cannot differ."""
+        cfg = self.cfg
+        n, m = len(inputs), self.vocab.n_med
+        k = m if cfg.top_k == 0 else min(int(cfg.top_k), m)
+        ok = np.fromiter((p.sample is not None for p in inputs), dtype=bool, count=n)
+        safe = np.where(ok[:, None], probs, 0.0).astype(np.float32)
+        sets, scores = ddi_safety.filter_sets(safe, self.threshold, self.ddi, cfg.ddi_filter, cfg.ddi_penalty)
+        cand = safe >= np.float32(self.threshold)
+        n_cand = cand.sum(axis=1)
+        width = min(m, max(k, int(n_cand.max(initial=0))))
+        order = ddi_safety.top_order(safe, width)                 # [n, width] by probability, ties by index
+        drug, pair_text = self._fragments
+        if self.ddi is not None:
+            starts, lo, hi = ddi_safety.pair_index(sets, self.ddi)
+            pair_list = pair_text[lo * m + hi].tolist()
+        filt = cfg.ddi_filter != "off" and self.ddi is not None
+        rounded = np.round(safe.astype(np.float64), PROB_DIGITS)
+        thr = repr(round(self.threshold, PROB_DIGITS))
+        graph = json.dumps(self.ddi_graph)
+        head_filter = '{"mode": ' + json.dumps(cfg.ddi_filter) + (
+            f', "strength": {float(cfg.ddi_penalty)!r}' if cfg.ddi_filter == "penalty" else "")
+        out = []
+        for i, p in enumerate(inputs):
+            tail = (', "unknown_codes": ' + (json.dumps(p.unknown_codes, ensure_ascii=False) if p.unknown_codes
+                                             else "[]")
+                    + ', "dropped_visits": ' + (json.dumps(p.dropped_visits) if p.dropped_visits else "[]") + "}")
+            head = '{"id": ' + json.dumps(p.id, ensure_ascii=False)
+            if p.sample is None:
+                out.append(head + ', "status": "no_prediction", "reason": ' + json.dumps(p.no_prediction) + tail)
+                continue
+            row, prow, srow = order[i].tolist(), rounded[i], sets[i]
+            top = row[:n_cand[i]]
+            rec = [j for j in top if srow[j]] if filt else top
+            vals = prow.tolist()
+            text = [head, ', "status": "ok", "threshold": ', thr, ', "recommended": [',
+                    ", ".join([drug[j] + repr(vals[j]) + "}" for j in rec]), '], "ranked": [',
+                    ", ".join([drug[j] + repr(vals[j]) + "}" for j in row[:k]]), "]"]
+            if self.ddi is None:
+                text.append(', "ddi": null')
+            else:
+                text += [', "ddi": {"graph": ', graph, ', "pairs": [',
+                         ", ".join(pair_list[starts[i]:starts[i + 1]]), "]}"]
+            if filt:
+                gone = [j for j in top if not srow[j]]
+                sc = scores[i]
+                text += [', "ddi_filter": ', head_filter, ', "removed": [',
+                         ", ".join([drug[j] + repr(vals[j]) + ', "score": ' + repr(round(float(sc[j]), PROB_DIGITS))
+                                    + "}" for j in gone]), "]}"]
+            text.append(tail)
+            out.append("".join(text))
+        return out
+
+    def results(self, inputs: Sequence[PatientInput], probs: np.ndarray) -> list[dict[str, Any]]:
+        """`render`, parsed."""
+        return [json.loads(x) for x in self.render(inputs, probs)]
+
+
+def resolve_threshold(spec: str, run: Path) -> tuple[float, str]:
+    """(θ, where it came from): "val" = the threshold maximising mean Jaccard on the run's validation
+    predictions (the eval CLI's grid and rule); a number = itself."""
+    spec = str(spec).strip()
+    if spec != "val":
+        return float(spec), "config"
+    from leader_jax import metrics as M
+    from leader_jax.cli import load_config
+    from leader_jax.eval import read_predictions
+
+    path = run / "predictions" / "val.npz"
+    if not path.is_file():
+        raise UserError(f"threshold=val needs {path} (the run's validation predictions); "
+                        "pass a number instead, e.g. --config.threshold=0.5")
+    val = read_predictions(path)
+    step = load_config("eval.py").threshold_step
+    return M.best_threshold(val["y_true"], val["y_prob"], M.threshold_grid(step)), f"tuned on {path}"
+
+
+def is_number(spec: str) -> bool:
+    try:
+        x = float(spec)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(x)
