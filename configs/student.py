@@ -43,6 +43,7 @@ def get_config(preset: str | None = None) -> ConfigDict:
     c.train = ConfigDict()
     c.train.lr = 5e-4
     c.train.batch_size = 16          # a multiple of the mesh's batch parallelism
+    c.train.steps_per_call = 32      # optimizer steps per dispatch (one compiled loop over stacked batches)
     c.train.epochs = 100
     c.train.patience = 10            # early stopping: epochs without a better validation PRAUC
     c.train.resume = True            # continue from RUN/checkpoints; False = start afresh in RUN

@@ -64,6 +64,8 @@ def run(main: Callable[[ConfigDict, list[str]], None], default_config: str,
             with cfg.unlocked():
                 cfg.out = flags.FLAGS.out
         try:
+            from leader_jax import compile_cache
+            compile_cache.enable()       # persistent XLA cache (LEADER_JAX_COMPILE_CACHE=off turns it off)
             main(cfg, list(rest[1:]))
         except UserError as e:
             _fail(str(e))

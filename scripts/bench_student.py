@@ -14,6 +14,22 @@ Patients are built in memory with MIMIC-III-like sizes (2,000 diagnosis / 1,430 
 codes, 1 + Geometric(0.6) visits capped at 30, per-visit set sizes Poisson(13 / 4 / 15)) as real
 `Sample` objects, then encoded with the production `encode_samples` (timed too), so the numbers cover
 the whole path: index arrays → bucketed, padded batches → compiled predict / train step.
+
+`--train` instead measures student TRAINING on the prepared eICU demo against a PyTorch re-statement of
+the original LEADER student loop (`scripts/original_student_torch.py`: per-sample Python batching, sets
+padded to 100 codes, Adam, one step per batch): per batch size (default 4 and 16) one untimed warm-up
+epoch of ours (compiles every bucket), then `--epochs` epochs of each, interleaved; an epoch = a
+training pass over the train split + a prediction pass over val (ours: multi-step compiled chunks and
+the fast inference path; no checkpoint). Prints medians, steps/s, the per-epoch ratio, start-up (process
+start → first optimizer step, compile count and seconds) and where our epoch's time goes. Pin the
+process to N cores with `--threads N` (also torch's thread count); run once per thread count:
+
+    PYTHONPATH=. .venv/bin/python scripts/bench_student.py --train --threads 1 [--data_dir PREP] [--epochs 3]
+    PYTHONPATH=. .venv/bin/python scripts/bench_student.py --train --threads 2 --cache /tmp/xla_cache
+
+`--cache DIR` uses DIR as the persistent compilation cache (run twice: fresh, then warm start-up);
+default a fresh temporary folder. `--train_patients N` trains on the first N train patients only
+(shorter runs on a loaded machine; the ratio is per step).
 """
 from __future__ import annotations
 
@@ -60,8 +76,121 @@ def median_time(fn, repeats: int) -> tuple[float, list[float]]:
     return statistics.median(times), times
 
 
+PROCESS_START = time.perf_counter()
+
+
+def train_bench(args) -> dict:
+    """Ours vs the PyTorch re-statement of the original student loop, per batch size (see the doc)."""
+    import tempfile
+    from pathlib import Path
+
+    if args.threads:
+        os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[: args.threads]))
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from leader_jax import compile_cache
+    cache = compile_cache.enable(args.cache or tempfile.mkdtemp(prefix="bench_xla_"))
+    before = compile_cache.CompileStats.snapshot()
+
+    import jax
+    from leader_jax.cli import load_config
+    from leader_jax.data.dataset import PreparedData
+    from leader_jax.train import student_inputs as si
+    from leader_jax.train import student_trainer as st
+    from leader_jax.train.student_trainer import split_metrics
+    from original_student_torch import OriginalTrainer
+
+    prep = Path(args.data_dir)
+    if not (prep / "vocab.json").exists():
+        from leader_jax.data.prepare import prepare_to
+        prepare_to(prep, dataset="eicu")
+    data = PreparedData.load(prep)
+    train_samples = list(data.splits["train"])[: args.train_patients or None]
+    val_samples = list(data.splits["val"])
+    cfg = load_config("student.py:eicu", {"distill": False, "data_dir": str(prep)})
+    encs = {"train": si.encode_samples(train_samples, data.vocab, cfg.model.max_visits),
+            "val": si.encode_samples(val_samples, data.vocab, cfg.model.max_visits)}
+    caps = si.bucket_caps(np.concatenate([e.needs for e in encs.values()]), cfg.model.bucket_levels)
+    buckets = si.assign_buckets(encs["train"].needs, caps)
+    res = {"threads": args.threads or len(os.sched_getaffinity(0)), "train_patients": len(train_samples),
+           "val_patients": len(val_samples), "buckets": [list(c) for c in caps], "compile_cache": str(cache),
+           "epochs": args.epochs, "by_batch": {}}
+    for bs in args.batch_sizes:
+        trainer = st.StudentTrainer(st.model_config(cfg, data.vocab, None), st.loss_config(cfg), lr=5e-4,
+                                    seed=cfg.seed)
+        first, last_train = {}, [0.0]
+
+        def ours(epoch: int, timing: dict | None = None) -> int:
+            t = time.perf_counter()
+            sums, steps, build = [], 0, 0.0
+            for chunk in si.chunk_plan(buckets, bs, cfg.train.steps_per_call, np.random.default_rng([0, epoch + 1])):
+                b0 = time.perf_counter()
+                arrays = si.make_chunk(encs["train"], chunk.rows, caps[chunk.bucket])
+                build += time.perf_counter() - b0
+                sums.append(trainer.train_chunk(arrays, chunk.steps))
+                steps += chunk.steps
+                if "first_step_s" not in first:
+                    jax.block_until_ready(sums[-1])
+                    first["first_step_s"] = time.perf_counter() - PROCESS_START
+            jax.device_get(sums)
+            t_train = time.perf_counter() - t
+            last_train[0] = t_train
+            split_metrics(encs["val"].labels, trainer.predict(encs["val"], caps, cfg.eval.batch_size), 0.5)
+            if timing is not None:
+                timing.update(build_batches_s=build, train_s=t_train - build,
+                              validate_s=time.perf_counter() - t - t_train)
+            return steps
+
+        t = time.perf_counter()
+        ours(-1)                                             # warm-up: compiles every bucket
+        warm_epoch = time.perf_counter() - t
+        torch_trainer = OriginalTrainer(train_samples, val_samples, data.vocab, batch_size=bs, lr=5e-4)
+        t_ours, t_torch, torch_train, ours_train, breakdown = [], [], [], [], {}
+        for e in range(args.epochs):                         # interleaved: both see the same load
+            t = time.perf_counter()
+            steps = ours(e, breakdown if e == 0 else None)
+            t_ours.append(time.perf_counter() - t)
+            ours_train.append(last_train[0])
+            t = time.perf_counter()
+            torch_steps = torch_trainer.train_steps()
+            torch_train.append(time.perf_counter() - t)
+            torch_trainer.evaluate()
+            t_torch.append(time.perf_counter() - t)
+            print(f"batch {bs} epoch {e}: ours {t_ours[-1]:.2f} s ({steps} steps), original {t_torch[-1]:.2f} s "
+                  f"({torch_steps} steps)", flush=True)
+        mo, mt = statistics.median(t_ours), statistics.median(t_torch)
+        row = {"ours_epoch_median_s": round(mo, 3), "original_epoch_median_s": round(mt, 3),
+               "ours_epoch_s": [round(x, 3) for x in t_ours], "original_epoch_s": [round(x, 3) for x in t_torch],
+               "ratio_median": round(mt / mo, 1),
+               "ratio_median_of_pairs": round(statistics.median(b / a for a, b in zip(t_ours, t_torch)), 1),
+               "ours_steps_per_s": round(steps / mo, 1), "original_steps_per_s": round(torch_steps / mt, 2),
+               "original_train_pass_median_s": round(statistics.median(torch_train), 3),
+               "train_pass_ratio_median": round(statistics.median(torch_train) / statistics.median(
+                   [x for x in ours_train]), 1),
+               "ours_warmup_epoch_s": round(warm_epoch, 2),
+               "ours_epoch_breakdown_s": {k: round(v, 3) for k, v in breakdown.items()}, **first}
+        res["by_batch"][str(bs)] = row
+        print(f"batch {bs}: per-epoch median ours {mo:.2f} s vs original {mt:.2f} s = {mt / mo:.1f}x "
+              f"({row['ours_steps_per_s']} vs {row['original_steps_per_s']} steps/s)", flush=True)
+    first_bs = str(args.batch_sizes[0])
+    res["startup_s"] = round(res["by_batch"][first_bs]["first_step_s"], 2)
+    res["compile"] = compile_cache.CompileStats.since(before)
+    print(f"start-up (process start → first optimizer step, batch {first_bs}): {res['startup_s']} s; "
+          f"compiles {res['compile']['compiles']} ({res['compile']['compile_seconds']} s, "
+          f"{res['compile']['cache_hits']} persistent-cache hits)", flush=True)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train", action="store_true", help="training: ours vs the original loop (see above)")
+    ap.add_argument("--data_dir", default="runs/eicu_prep", help="--train: prepared eICU demo (made if missing)")
+    ap.add_argument("--threads", type=int, default=0, help="--train: pin to this many cores (0 = all)")
+    ap.add_argument("--epochs", type=int, default=3, help="--train: timed epochs per batch size")
+    ap.add_argument("--batch_sizes", type=lambda s: [int(x) for x in s.split(",")], default=[4, 16])
+    ap.add_argument("--train_patients", type=int, default=0, help="--train: first N train patients (0 = all)")
+    ap.add_argument("--cache", default="", help="--train: persistent compilation cache folder (default: fresh)")
     ap.add_argument("--patients", type=int, default=46000)
     ap.add_argument("--repeats", type=int, default=5, help="inference repeats (median reported)")
     ap.add_argument("--train_epochs", type=int, default=1, help="timed training epochs (median; 0 = skip)")
@@ -71,6 +200,13 @@ def main() -> None:
     ap.add_argument("--teacher_dim", type=int, default=4096, help="KD target size (LLaMA-7B: 4096)")
     ap.add_argument("--json", default="", help="also write the results to this file")
     args = ap.parse_args()
+    if args.train:
+        res = train_bench(args)
+        print(json.dumps(res, indent=2))
+        if args.json:
+            from leader_jax.io import atomic_write_json
+            atomic_write_json(args.json, res)
+        return
 
     import jax
     from configs.student import get_config
@@ -129,19 +265,21 @@ def main() -> None:
                        padded_patients_per_s=round(args.patients / t_pad))
         print(f"padded reference: median {t_pad:.3f} s = {args.patients / t_pad:,.0f} patients/s", flush=True)
 
-    # training: one warm-up batch per bucket (compiles), then timed epochs
+    # training (multi-step chunks, as the CLI): one warm-up chunk per bucket (compiles), then timed epochs
     t = time.perf_counter()
     for b in np.unique(buckets):
-        rows = np.nonzero(buckets == b)[0][: args.batch_size]
-        jax.block_until_ready(trainer.train_batch(si.make_batch(enc, rows, caps[b], args.batch_size, True)))
+        rows = np.full((cfg.train.steps_per_call, args.batch_size), -1)
+        first = np.nonzero(buckets == b)[0][: args.batch_size]
+        rows[0, : len(first)] = first
+        jax.block_until_ready(trainer.train_chunk(si.make_chunk(enc, rows, caps[b], True), 1))
     t_train_warm = time.perf_counter() - t
 
     def epoch():
-        plan = si.batch_plan(buckets, args.batch_size, np.random.default_rng(trainer.step))
-        parts = None
-        for planned in progress(plan, desc="train epoch", unit="batch"):
-            parts = trainer.train_batch(si.make_batch(enc, planned.rows, caps[planned.bucket], args.batch_size, True))
-        jax.block_until_ready(parts)
+        plan = si.chunk_plan(buckets, args.batch_size, cfg.train.steps_per_call, np.random.default_rng(trainer.step))
+        sums = None
+        for c in progress(plan, desc="train epoch", unit="chunk"):
+            sums = trainer.train_chunk(si.make_chunk(enc, c.rows, caps[c.bucket], True), c.steps)
+        jax.block_until_ready(sums)
 
     t_epoch, epoch_times = median_time(epoch, args.train_epochs) if args.train_epochs > 0 else (float("nan"), [])
     res = {

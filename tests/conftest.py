@@ -8,6 +8,7 @@ if _flag not in os.environ.get("XLA_FLAGS", ""):
 os.environ.setdefault("LEADER_JAX_NO_PROGRESS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("LEADER_JAX_COMPILE_CACHE", "off")   # CLIs run in tests never write ~/.cache
 
 import jax  # noqa: E402
 

@@ -360,9 +360,8 @@ def test_overfits_64_samples(data, enc, store, run_a):
                            seed=1, steps=res.trainer.steps)
     buckets = si.assign_buckets(sub.needs, caps)
     for epoch in range(OVERFIT_EPOCHS):
-        for planned in si.batch_plan(buckets, cfg.train.batch_size, np.random.default_rng(epoch)):
-            tr.train_batch(si.make_batch(sub, planned.rows, caps[planned.bucket], cfg.train.batch_size,
-                                         with_teacher=True))
+        for c in si.chunk_plan(buckets, cfg.train.batch_size, cfg.train.steps_per_call, np.random.default_rng(epoch)):
+            tr.train_chunk(si.make_chunk(sub, c.rows, caps[c.bucket], with_teacher=True), c.steps)
     m = st.split_metrics(sub.labels, tr.predict(sub, caps, cfg.eval.batch_size), 0.5)
     assert m["jaccard"] > 0.9, m
     assert tr.compile_counts() == {"train_step": 1, "predict_step": 1}

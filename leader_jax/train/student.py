@@ -26,12 +26,13 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from leader_jax.cli import UserError
+from leader_jax.compile_cache import CompileStats, active_dir
 from leader_jax.io import JsonlLogger, atomic_write_json, atomic_write_text, progress
 from leader_jax.models.student import ALIGN_LOSSES, VISIT_POSITIONS
 from leader_jax.train import common, distributed
 from leader_jax.train.engine import Checkpointer
-from leader_jax.train.student_inputs import (SPLITS, EncodedSplit, assign_buckets, attach_teacher, batch_plan,
-                                             bucket_caps, encode_samples, make_batch)
+from leader_jax.train.student_inputs import (SPLITS, EncodedSplit, assign_buckets, attach_teacher, bucket_caps,
+                                             chunk_plan, encode_samples, make_chunk)
 from leader_jax.train.student_trainer import (KERNEL_MODES, MODEL_KIND, CompiledSteps, StudentTrainer, loss_config,
                                               model_config, restore_state, save_state, split_metrics)
 
@@ -73,7 +74,7 @@ def validate_config(cfg: ConfigDict) -> None:
     need(lo.align_loss in ALIGN_LOSSES, "loss.align_loss", lo.align_loss, f"expected one of {ALIGN_LOSSES}")
     tr = cfg.train
     need(tr.lr > 0, "train.lr", tr.lr, "must be > 0")
-    for name in ("batch_size", "epochs", "patience"):
+    for name in ("batch_size", "epochs", "patience", "steps_per_call"):
         need(int(tr[name]) >= 1, f"train.{name}", tr[name], "must be >= 1")
     need(int(tr.stop_after) >= 0, "train.stop_after", tr.stop_after, "must be >= 0 (0 = off)")
     need(int(cfg.eval.batch_size) >= 1, "eval.batch_size", cfg.eval.batch_size, "must be >= 1")
@@ -197,6 +198,7 @@ def train(cfg: ConfigDict, *, steps: CompiledSteps | None = None) -> StudentRun:
     compiled steps of an earlier trainer of the same structure, to reuse its executables."""
     from leader_jax.feature_store import FeatureStore, MissingFeaturesError
 
+    t_start = time.perf_counter()
     validate_config(cfg)
     if not cfg.out:
         raise UserError("--out RUN (the run directory) is required")
@@ -221,16 +223,18 @@ def train(cfg: ConfigDict, *, steps: CompiledSteps | None = None) -> StudentRun:
         common.check_identity(stored, identity, out, "--config.train.resume=False")
     try:
         store = FeatureStore(cfg.features) if cfg.distill else None
-        return _train(cfg, out, data, store, identity, resume=stored is not None, steps=steps)
+        return _train(cfg, out, data, store, identity, resume=stored is not None, steps=steps, t_start=t_start)
     except (FileNotFoundError, ValueError, MissingFeaturesError) as e:
         raise UserError(str(e)) from None
 
 
 def _train(cfg: ConfigDict, out: Path, data, store, identity: dict, *, resume: bool,
-           steps: CompiledSteps | None) -> StudentRun:
+           steps: CompiledSteps | None, t_start: float) -> StudentRun:
     from leader_jax.eval import write_predictions
 
     t0 = time.perf_counter()
+    compiled_before = CompileStats.snapshot()
+    first_step_s = None
     tr = cfg.train
     encs, teacher_dim = load_inputs(cfg, data, store)
     caps = bucket_caps(np.concatenate([e.needs for e in encs.values()]), cfg.model.bucket_levels)
@@ -264,16 +268,17 @@ def _train(cfg: ConfigDict, out: Path, data, store, identity: dict, *, resume: b
             break                                              # simulated kill (tests)
         started = time.perf_counter()
         rng = np.random.default_rng([cfg.seed, epoch])         # the data order is a function of the epoch
-        sizes, parts = [], []
-        for planned in progress(batch_plan(train_buckets, tr.batch_size, rng), desc=f"epoch {epoch}", unit="batch"):
-            batch = make_batch(encs["train"], planned.rows, caps[planned.bucket], tr.batch_size,
-                               with_teacher=bool(cfg.distill))
-            sizes.append(len(planned.rows))
-            parts.append(trainer.train_batch(batch))
-        host = jax.device_get(parts)
-        counts = np.asarray(sizes, dtype=np.float64)
-        train_parts = {f"train_{k}": float(np.sum(counts * np.asarray([h[k] for h in host])) / counts.sum())
-                       for k in host[0]}
+        sums = []
+        for chunk in progress(chunk_plan(train_buckets, tr.batch_size, tr.steps_per_call, rng),
+                              desc=f"epoch {epoch}", unit="chunk"):
+            arrays = make_chunk(encs["train"], chunk.rows, caps[chunk.bucket], with_teacher=bool(cfg.distill))
+            sums.append(trainer.train_chunk(arrays, chunk.steps))
+            if first_step_s is None:
+                jax.block_until_ready(sums[-1])
+                first_step_s = time.perf_counter() - t_start
+        host = jax.device_get(sums)                            # the epoch's only read-back of train metrics
+        total = {k: float(np.sum([h[k] for h in host], dtype=np.float64)) for k in host[0]}
+        train_parts = {f"train_{k}": v / total["n"] for k, v in total.items() if k != "n"}
         val = split_metrics(encs["val"].labels, trainer.predict(encs["val"], caps, cfg.eval.batch_size),
                             cfg.eval.threshold)
         improved = val["prauc"] > stopping.best_val_prauc
@@ -314,6 +319,8 @@ def _train(cfg: ConfigDict, out: Path, data, store, identity: dict, *, resume: b
                               single_visit=enc.single_visit, data_fingerprint=data.fingerprint())
         summary[split] = split_metrics(enc.labels, probs, cfg.eval.threshold)
     summary["compile_counts"] = trainer.compile_counts()
+    summary["compile"] = {**CompileStats.since(compiled_before), "persistent_cache": str(active_dir() or "")}
+    summary["seconds_to_first_step"] = None if first_step_s is None else round(first_step_s, 2)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     logger.log({"final": True, **{f"{s}_{k}": v for s in ("val", "test") if s in summary
                                   for k, v in summary[s].items()}, "best_epoch": stopping.best_epoch})

@@ -210,3 +210,61 @@ def make_batch(enc: EncodedSplit, rows: np.ndarray, cap: Sequence[int], batch_si
     if with_teacher:
         batch["teacher"] = pad(enc.teacher, enc.teacher.shape[1:])
     return batch
+
+
+# ------------------------------------------------------------------------------- multi-step chunks
+class PlannedChunk(NamedTuple):
+    """Up to `steps_per_call` optimizer steps of one bucket, run by one dispatch of the train step:
+    rows [K, B] sample rows per step (-1 = padding), `steps` the real steps (the rest are skipped)."""
+
+    bucket: int
+    steps: int
+    rows: np.ndarray
+
+
+def chunk_plan(buckets: np.ndarray, batch_size: int, steps_per_call: int, rng: np.random.Generator
+               ) -> list[PlannedChunk]:
+    """The chunks of one epoch: rows shuffled within each bucket and cut into batches (the last one
+    of a bucket partial), consecutive batches of a bucket grouped into chunks of `steps_per_call`,
+    the chunks of all buckets shuffled. Vectorised; a function of `rng` alone."""
+    plan = []
+    k = int(steps_per_call)
+    for b in np.unique(buckets):
+        rows = rng.permutation(np.nonzero(buckets == b)[0])
+        n_batches = -(-len(rows) // batch_size)
+        grid = np.full(n_batches * batch_size, -1, dtype=np.int64)
+        grid[: len(rows)] = rows
+        grid = grid.reshape(n_batches, batch_size)
+        for first in range(0, n_batches, k):
+            part = grid[first:first + k]
+            padded = np.full((k, batch_size), -1, dtype=np.int64)
+            padded[: len(part)] = part
+            plan.append(PlannedChunk(int(b), len(part), padded))
+    return [plan[i] for i in rng.permutation(len(plan))]
+
+
+def make_chunk(enc: EncodedSplit, rows: np.ndarray, cap: Sequence[int], with_teacher: bool = False
+               ) -> dict[str, np.ndarray]:
+    """Stacked host batches [K, B, ...] for `rows` [K, B] (-1 = padded row: weight 0, no visits, no
+    codes), each padded to the bucket `cap`: the same arrays as `make_batch` per step, built with one
+    gather per field."""
+    cap = BucketCap(*(int(c) for c in cap))
+    valid = rows >= 0
+    r = np.where(valid, rows, 0)
+
+    def take(a, *trailing):
+        src = a[(slice(None),) + tuple(slice(0, s) for s in trailing)][r]     # [K, B, ≤ trailing...]
+        src = np.where(valid.reshape(valid.shape + (1,) * (src.ndim - 2)), src, np.zeros((), src.dtype))
+        if src.shape[2:] == tuple(trailing) or not trailing:
+            return src
+        out = np.zeros(valid.shape + tuple(trailing), dtype=a.dtype)       # this split is narrower than cap
+        out[(slice(None), slice(None)) + tuple(slice(0, s) for s in src.shape[2:])] = src
+        return out
+
+    chunk = {"diag": take(enc.diag, cap.visits, cap.diag), "proc": take(enc.proc, cap.visits, cap.proc),
+             "med": take(enc.med, cap.visits, cap.med), "n_visits": take(enc.n_visits),
+             "profile": take(enc.profile), "target": take(enc.target, cap.med), "labels": take(enc.labels),
+             "weight": valid.astype(np.float32)}
+    if with_teacher:
+        chunk["teacher"] = take(enc.teacher)
+    return chunk

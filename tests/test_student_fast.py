@@ -1,0 +1,103 @@
+"""The student's fast training path: multi-step chunks (same batches as the one-step path), the
+hash-based dropout, compile accounting in run.json, and the persistent compilation cache (a second run
+in the same cache folder compiles nothing new; unsafe cache folders are refused)."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from leader_jax import compile_cache
+from leader_jax.cli import UserError
+from leader_jax.data.dataset import PreparedData
+from leader_jax.models.student import Dropout
+from leader_jax.train import student as ts
+from leader_jax.train import student_inputs as si
+
+
+@pytest.fixture(scope="module")
+def enc(prepared_synthetic):
+    data = PreparedData.load(prepared_synthetic)
+    return si.encode_samples(data.splits["train"], data.vocab, 10)
+
+
+def test_chunks_cover_each_row_once_and_equal_one_step_batches(enc):
+    caps = si.bucket_caps(enc.needs, 3)
+    buckets = si.assign_buckets(enc.needs, caps)
+    plan = si.chunk_plan(buckets, 8, 4, np.random.default_rng(3))
+    rows = np.concatenate([c.rows[c.rows >= 0] for c in plan])
+    assert sorted(rows.tolist()) == list(range(len(enc)))               # every row exactly once
+    for c in plan:
+        assert 1 <= c.steps <= 4 and (c.rows[c.steps:] < 0).all() and (buckets[c.rows[c.rows >= 0]] == c.bucket).all()
+        assert (c.rows[: c.steps - 1] >= 0).all()                      # only a bucket's last batch is partial
+    n_batches = sum(c.steps for c in plan)
+    assert n_batches == sum(-(-int((buckets == b).sum()) // 8) for b in np.unique(buckets))
+    c = max(plan, key=lambda c: c.steps)
+    chunk = si.make_chunk(enc, c.rows, caps[c.bucket])
+    for k in range(c.steps):
+        real = c.rows[k][c.rows[k] >= 0]
+        one = si.make_batch(enc, real, caps[c.bucket], 8)
+        assert one.keys() == chunk.keys()
+        for name in one:
+            np.testing.assert_array_equal(chunk[name][k], one[name], err_msg=name)
+    assert (chunk["weight"][c.steps:] == 0).all() and (chunk["diag"][c.steps:] == 0).all()
+
+
+def test_dropout_masks_are_deterministic_and_keep_the_rate():
+    x = jnp.ones((64, 50, 32))
+    key = jax.random.key(3, impl="rbg")
+    a, b = Dropout(key), Dropout(key)
+    y1, y2 = a(x, 0.4), b(x, 0.4)
+    np.testing.assert_array_equal(y1, y2)                                # same key and call → same mask
+    keep = np.asarray(y1 > 0)
+    assert abs(keep.mean() - 0.6) < 0.005 and np.allclose(np.asarray(y1)[keep], 1 / 0.6)
+    assert (np.asarray(a(x, 0.4) > 0) != keep).mean() > 0.4              # the next call draws a new mask
+    other = np.asarray(Dropout(jax.random.key(4, impl="rbg"))(x, 0.4) > 0)
+    assert abs((other == keep).mean() - (0.6 ** 2 + 0.4 ** 2)) < 0.01   # independent of the other key's
+    assert Dropout(None)(x, 0.4) is x
+
+
+def test_unsafe_cache_folder_is_refused(tmp_path):
+    bad = tmp_path / "shared"
+    bad.mkdir(mode=0o777)
+    os.chmod(bad, 0o777)
+    with pytest.raises(UserError, match=f"refusing the compilation cache folder: {bad} has mode 0o777"):
+        compile_cache.enable(bad)
+    assert compile_cache.active_dir() is None
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    folder = compile_cache.enable(tmp_path / "xla")
+    yield folder
+    compile_cache.enable()                      # back to the session's setting (off in tests)
+
+
+def _cfg(data_dir, out):
+    from configs.student import get_config
+    c = get_config()
+    c.update(dict(seed=0, distill=False, data_dir=str(data_dir), out=str(out)))
+    c.model.update(dict(d=16, heads=2, ffn=32, head_hidden=32, bucket_levels=2, inference_kernel="off"))
+    c.train.update(dict(batch_size=32, epochs=1, steps_per_call=4))
+    c.eval.batch_size = 64
+    return c
+
+
+def test_two_bucket_run_counts_its_compiles_and_a_rerun_hits_the_cache(prepared_synthetic, cache_dir, tmp_path):
+    first = ts.train(_cfg(prepared_synthetic, tmp_path / "a")).summary
+    assert len(first["buckets"]) == 2
+    assert first["compile_counts"] == {"train_step": 2, "predict_step": 1}     # one train loop per bucket
+    c1 = json.loads((tmp_path / "a" / "run.json").read_text())["compile"]
+    assert c1 == first["compile"] and c1["persistent_cache"] == str(cache_dir)
+    assert c1["by_function"]["jit(train_chunk)"] == 2 and c1["by_function"]["jit(predict_packed_step)"] == 1
+    assert c1["compiles"] >= 3 and c1["compile_seconds"] > 0 and c1["cache_misses"] >= 3
+    files = sorted(p.name for p in cache_dir.iterdir())
+    assert len(files) >= 3
+    # a second process-like run (new trainer, new jitted functions) in the same cache folder
+    second = ts.train(_cfg(prepared_synthetic, tmp_path / "b")).summary
+    c2 = second["compile"]
+    assert c2["cache_misses"] == 0 and c2["cache_hits"] >= 3 and c2["by_function"]["jit(train_chunk)"] == 2
+    assert sorted(p.name for p in cache_dir.iterdir()) == files            # nothing new written
+    assert second["val"] == first["val"]                                    # the cached programs compute the same
