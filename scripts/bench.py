@@ -7,7 +7,7 @@ or a throughput on the machine at hand; CPU figures from shared machines are ind
 | entry | script | what |
 |---|---|---|
 | llama | bench_llama.py | jitted LLaMA forward and forward+backward vs transformers/torch eager (ratio) |
-| lora | bench_lora.py | LoRA train step vs torch+peft (ratio); teacher vs student inference per patient (ratio) |
+| lora | bench_lora.py | SmolLM2-135M LoRA train step and feature extraction vs transformers+peft at 1 and 2 threads (ratios); teacher vs student inference per patient (ratio) |
 | student | bench_student.py | student inference throughput (batch 512) and one training epoch |
 | prepare | bench_prepare.py | data preparation throughput on synthetic MIMIC-III-format tables |
 | eval | bench_eval.py | evaluation throughput (100,000 × 300, 10 rounds) |
@@ -57,10 +57,16 @@ def table(res: dict) -> str:
         rows.append(f"| LLaMA {r['size']} ({r['params_M']}M) forward+backward | JAX {r['jax_fwdbwd_s']} s vs "
                     f"torch {r['torch_fwdbwd_s']} s | {r['ratio_fwdbwd']}× |")
     lo = res.get("lora", {})
-    if "lora_step" in lo:
-        r = lo["lora_step"]
-        rows.append(f"| LoRA train step, {r['base_params_M']}M base, batch {r['batch']}×{r['seq']} | JAX "
-                    f"{r['jax_step_s']} s vs torch+peft {r['torch_peft_step_s']} s | {r['ratio']}× |")
+    for r in lo.get("runs", []):
+        if "error" in r:
+            continue
+        tr, fe = r["train_step"], r["features"]
+        rows.append(f"| LoRA train step, SmolLM2 {r['base_params_M']}M, batch {r['batch']}×{r['seq']}, "
+                    f"{r['threads']} thread(s) | leader_jax {tr['jax']['median_s']} s vs torch+peft "
+                    f"{tr['torch_peft']['median_s']} s | {tr['ratio']}× |")
+        rows.append(f"| feature extraction, same teacher, {r['threads']} thread(s) | leader_jax "
+                    f"{fe['jax']['median_s']} s vs torch+peft {fe['torch']['median_s']} s (merged: "
+                    f"{fe['torch_merged']['median_s']} s) | {fe['ratio']}× ({fe['ratio_vs_merged']}× vs merged) |")
     for r in lo.get("teacher_vs_student", []):
         rows.append(f"| inference per patient: teacher {r['teacher_params_M']}M ({r['teacher_seq']} tokens) vs "
                     f"student | {r['teacher_ms_per_patient']} ms vs {r['student_ms_per_patient']} ms | "
@@ -98,7 +104,7 @@ def main(argv=None) -> int:
     suite = {
         "llama": ["bench_llama.py", "--sizes", "xs" if q else "xs,s,m", "--reps", "2" if q else "5"],
         "lora": ["bench_lora.py", "--reps", "2" if q else "5", "--student_patients", "1024" if q else "8192",
-                 *(["--size", "tiny"] if q else [])],
+                 *(["--threads", "1", "--batch", "2", "--seq", "32"] if q else ["--threads", "1,2"])],
         "student": ["bench_student.py", "--patients", "2000" if q else "46000", "--repeats", "2" if q else "5"],
         "prepare": ["bench_prepare.py", "--patients", "2000" if q else "46000"],
         "eval": ["bench_eval.py", "--n", "10000" if q else "100000", "--repeats", "2" if q else "5"],

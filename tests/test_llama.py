@@ -190,6 +190,26 @@ def test_linear_adapters_contract():
     assert lin.kernel.get_metadata()["out_sharding"] == ("embed", "mlp")
 
 
+def test_linear_flattened_rows_equal_2d_rows():
+    """[B, T, in] rows (flattened to [N, in] inside Linear) give exactly the values of [N, in] rows, with a
+    LoRA adapter attached, and match x @ W + scale * (x @ A) @ B."""
+    from leader_jax.models import lora
+
+    rs = np.random.RandomState(1)
+    x3 = jnp.asarray(rs.randn(2, 5, 8).astype(np.float32))
+    with nnx.use_eager_sharding(False):
+        lin = Linear(8, 6, axes=("embed", "mlp"), config=LlamaConfig.tiny(), rngs=nnx.Rngs(0))
+        ad = lora.LoRAAdapter(8, 6, rank=2, alpha=4.0, rngs=nnx.Rngs(1))
+    ad.lora_b[...] = jnp.asarray(rs.randn(2, 6).astype(np.float32))
+    lin.adapters["task"] = ad
+    k, a, b = (np.asarray(v[...]) for v in (lin.kernel, ad.lora_a, ad.lora_b))
+    out = np.asarray(lin(x3))
+    assert out.shape == (2, 5, 6)
+    np.testing.assert_array_equal(np.asarray(lin(x3.reshape(10, 8))), out.reshape(10, 6))
+    xn = np.asarray(x3)
+    np.testing.assert_allclose(out, xn @ k + 2.0 * (xn @ a) @ b, atol=1e-5)
+
+
 def test_bf16_compute_close_to_fp32(models, fwd):
     _, d, _, model = models["gqa_llama3"]
     ids, mask = batch()

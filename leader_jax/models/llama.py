@@ -245,10 +245,15 @@ class Linear(nnx.Module):
         self.adapters = nnx.Dict()
 
     def __call__(self, x):
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        # Rows are flattened to one [N, in] matrix first: with LoRA adapters, XLA:CPU otherwise contracts
+        # their gradients over two batch-like dims and materialises transposes of [B, T, out] activations
+        # (measured in docs/llama.md). A reshape is free; numerics are unchanged.
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1]) if len(lead) > 1 else x
+        y = jnp.dot(x2.astype(self.dtype), self.kernel[...].astype(self.dtype))
         for name in sorted(self.adapters.keys()):
-            y = y + self.adapters[name](x).astype(y.dtype)
-        return y
+            y = y + self.adapters[name](x2).astype(y.dtype)
+        return y.reshape(*lead, y.shape[-1]) if len(lead) > 1 else y
 
 
 class Embed(nnx.Module):
