@@ -25,6 +25,7 @@ def get_config():
     c.corpus.with_targets = False         # plain domain text, as the paper's step 1
     c.corpus.pack_chars = 4000
     c.data.max_len = 1024
+    c.data.length_buckets = (256, 512)
     c.train.steps = 1000
     c.train.micro_batch = 16
     c.train.accum = 2

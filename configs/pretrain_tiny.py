@@ -27,6 +27,8 @@ def get_config() -> ConfigDict:
     c.model.frozen_dtype = "float32"
     c.model.remat = "none"
     c.model.attention_impl = ""
+    c.model.cache_prefix = False         # mode=adapter: run the frozen layers below domain.first_layer once per
+                                         # document and train on their cached output (same loss, less compute)
     # the tiny LLaMA shape (model.source=scratch), also used by configs/teacher_tiny.py; vocab_size is
     # raised to the trained tokenizer's size and the special ids are taken from it
     c.model.arch = ConfigDict(dict(vocab_size=2048, hidden_size=64, intermediate_size=176,
@@ -36,7 +38,8 @@ def get_config() -> ConfigDict:
 
     c.tokenizer = ConfigDict(dict(train=True, vocab_size=2048, path=""))
 
-    c.domain = ConfigDict(dict(rank=16, alpha=32.0, dropout=0.0, targets="q,v"))   # mode=adapter (paper A.1)
+    # mode=adapter (paper A.1); first_layer: the adapter goes on layers first_layer.. only (0 = every layer)
+    c.domain = ConfigDict(dict(rank=16, alpha=32.0, dropout=0.0, targets="q,v", first_layer=0))
 
     c.corpus = ConfigDict()
     c.corpus.title_sources = (str(DATA / "mimic3_demo" / "D_ICD_DIAGNOSES.csv.gz") + ":long_title",
@@ -48,7 +51,8 @@ def get_config() -> ConfigDict:
     c.corpus.with_targets = True         # TRAIN prompts as "BOS prompt EOS drugs EOS" (the EOS state learns
                                          # to predict the drugs); val/test never enter the corpus
 
-    c.data = ConfigDict(dict(max_len=192, max_history=3, profile=False))
+    # length_buckets: pad each batch to the smallest of these (and max_len) that holds it; () = max_len
+    c.data = ConfigDict(dict(max_len=192, max_history=3, profile=False, length_buckets=(64, 128)))
 
     c.train = ConfigDict()
     c.train.steps = 150

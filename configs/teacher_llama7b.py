@@ -26,6 +26,7 @@ def get_config():
     c.data.max_len = 2048
     c.data.eval_max_len = 2048
     c.data.max_history = 3
+    c.data.length_buckets = (256, 512, 1024)
     c.lora.task.update(dict(rank=8, alpha=32.0, dropout=0.1, targets="q,k,v,o,gate,up,down"))
     c.train.steps = 3000
     c.train.micro_batch = 16              # global sequences per micro-batch (multiple of data*fsdp)

@@ -29,6 +29,8 @@ def get_config() -> ConfigDict:
                                        # engine (bfloat16 on GPU/TPU); adapters, head, optimizer stay fp32
     c.model.remat = "none"             # none | full | dots | minimal | ... (llama.REMAT_POLICIES)
     c.model.attention_impl = ""        # "" = xla; "cudnn" on GPU
+    c.model.cache_prefix = False       # True: run the frozen layers below lora.task.first_layer once per
+                                       # sample and train on their cached output (same loss, less compute)
     c.model.arch = load_config("pretrain_tiny.py").model.arch   # the tiny shape (source=scratch only)
     c.tokenizer = ""                   # "" = model.path
 
@@ -38,11 +40,14 @@ def get_config() -> ConfigDict:
     c.data.eval_max_len = 512          # val/test/features (never dropped: too long is an error); 0 = max_len
     c.data.max_history = 3
     c.data.profile = False
+    c.data.length_buckets = (64, 128, 256)  # pad each batch to the smallest of these (and max_len /
+                                       # eval_max_len) holding it; each length compiles once; () = pad to max_len
 
     c.lora = ConfigDict()
     c.lora.domain_path = ""            # stage-1 domain adapter (PEFT folder); "" = none
     c.lora.domain_trainable = False    # True: the domain adapter is trained further (saved in adapters/domain)
-    c.lora.task = ConfigDict(dict(rank=8, alpha=32.0, dropout=0.1, targets="q,k,v,o,gate,up,down"))
+    # first_layer: the adapter goes on layers first_layer.. only (0 = every layer)
+    c.lora.task = ConfigDict(dict(rank=8, alpha=32.0, dropout=0.1, targets="q,k,v,o,gate,up,down", first_layer=0))
 
     c.train = ConfigDict()
     c.train.steps = 800

@@ -1,8 +1,10 @@
 """`python -m leader_jax.demo`: the whole LEADER pipeline on a bundled demo dataset, end to end.
 
-prepare data → BPE tokenizer → tiny LLaMA stage 1 (domain text) → stage 2 teacher (task LoRA + drug head)
-→ teacher feature store → student with KD and without → the four baselines → `leader_jax.eval` of
-everything → one comparison table (printed, and written with plots to `<out>/report.md`).
+prepare data → BPE tokenizer → stage 1 (a tiny LLaMA trained from scratch on domain text) → stage 2 teacher
+(task LoRA + drug head on top of it) → teacher feature store → student with KD and without → the four
+baselines → `leader_jax.eval` of everything → one comparison table (printed, and written with plots to
+`<out>/report.md`), with each stage's wall time. `--config.teacher_model=smollm2` replaces the tiny teacher
+by SmolLM2-135M (GGUF) with a stage-1 domain adapter and a stage-2 task adapter (experimental).
 
 Every stage runs in this process through the same functions as its own CLI, with `configs/<stage>.py`
 plus the overrides in `configs/demo.py`. A finished stage leaves `<stage dir>/.demo_stage.json` holding the
@@ -51,12 +53,16 @@ def build_stages(cfg: ConfigDict) -> list[Stage]:
     data_dir, tok_dir, pre_dir = root / "data", root / "tokenizer", root / "pretrain"
     teacher_dir, store = root / "teacher", root / "teacher" / "features"
     data_cfg = _with(cfg.data, dataset=cfg.dataset, raw_dir=cfg.raw_dir, out=str(data_dir))
-    pre_cfg = _with(cfg.pretrain, data_dir=str(data_dir), out=str(pre_dir))
-    with pre_cfg.unlocked():
-        pre_cfg.tokenizer.train, pre_cfg.tokenizer.path = False, str(tok_dir)
-    teacher_cfg = _with(cfg.teacher, data_dir=str(data_dir), out=str(teacher_dir))
-    with teacher_cfg.unlocked():
-        teacher_cfg.model.path = str(pre_dir / "base")
+    tiny = cfg.teacher_model == "tiny"
+    pre_cfg = _with(cfg.tiny.pretrain if tiny else cfg.pretrain, data_dir=str(data_dir), out=str(pre_dir))
+    teacher_cfg = _with(cfg.tiny.teacher if tiny else cfg.teacher, data_dir=str(data_dir), out=str(teacher_dir))
+    with pre_cfg.unlocked(), teacher_cfg.unlocked():
+        if tiny:        # BPE tokenizer -> tiny LLaMA from scratch (stage 1) -> its PRE/base under stage 2
+            pre_cfg.tokenizer.train, pre_cfg.tokenizer.path = False, str(tok_dir)
+            teacher_cfg.model.path = str(pre_dir / "base")
+        else:           # the pretrained base of stage 1 + its domain adapter under stage 2
+            teacher_cfg.model.path = pre_cfg.model.path
+            teacher_cfg.lora.domain_path = str(pre_dir / "domain_adapter")
     feat_cfg = _with(cfg.features, run_dir=str(teacher_dir), out=str(store))
     preset = student_preset(cfg)
     students = {name: _with(cfg.student, data_dir=str(data_dir), distill=distill,
@@ -70,12 +76,14 @@ def build_stages(cfg: ConfigDict) -> list[Stage]:
     from leader_jax.data import prepare
     from leader_jax.train import extract_features, pretrain, student, teacher
 
-    stages = [
-        Stage("data", data_dir, data_cfg, lambda: prepare.main(data_cfg, [])),
-        Stage("tokenizer", tok_dir, {"vocab": cfg.tokenizer_vocab, "corpus": pre_cfg.corpus.to_dict(),
-                                     "seed": pre_cfg.seed},
-              lambda: make_tokenizer(pre_cfg, cfg.tokenizer_vocab, tok_dir), after=("data",)),
-        Stage("pretrain", pre_dir, pre_cfg, lambda: pretrain.main(pre_cfg, []), after=("tokenizer",)),
+    stages = [Stage("data", data_dir, data_cfg, lambda: prepare.main(data_cfg, []))]
+    if tiny:
+        stages.append(Stage("tokenizer", tok_dir, {"vocab": cfg.tokenizer_vocab, "corpus": pre_cfg.corpus.to_dict(),
+                                                   "seed": pre_cfg.seed},
+                            lambda: make_tokenizer(pre_cfg, cfg.tokenizer_vocab, tok_dir), after=("data",)))
+    stages += [
+        Stage("pretrain", pre_dir, pre_cfg, lambda: pretrain.main(pre_cfg, []),
+              after=("tokenizer",) if tiny else ("data",)),
         Stage("teacher", teacher_dir, teacher_cfg, lambda: teacher.main(teacher_cfg, []), after=("pretrain",)),
         Stage("features", store, feat_cfg, lambda: extract_features.main(feat_cfg, []), after=("teacher",)),
     ]
@@ -102,7 +110,7 @@ def student_preset(cfg: ConfigDict) -> dict[str, Any]:
     """The paper's per-dataset KD/alignment weights (configs/student.py PRESETS; `student.loss` fields),
     unless the user set them."""
     default = cli.load_config("student.py").loss
-    preset = cli.load_config(f"student.py:{cfg.dataset}").loss
+    preset = cli.load_config(f"student.py:{'eicu' if cfg.dataset == 'meds' else cfg.dataset}").loss
     return {k: preset[k] for k in ("alpha", "align_weight")
             if cfg.student.loss[k] == default[k] and preset[k] != default[k]}
 
@@ -211,6 +219,7 @@ def run_demo(cfg: ConfigDict) -> str:
         print(f"[demo] {stage.name} → {stage.out}", file=sys.stderr)
         stage.fn()
         timings[stage.name] = time.perf_counter() - t0
+        print(f"[demo] {stage.name}: {timings[stage.name]:.1f} s", file=sys.stderr)
         atomic_write_json(stage.out / MARKER, {"stage": stage.name, "key": key, "seconds": timings[stage.name]})
     t0 = time.perf_counter()
     table = evaluate_all(cfg)
@@ -223,7 +232,8 @@ def run_demo(cfg: ConfigDict) -> str:
     return table
 
 
-DATASETS = ("eicu", "mimic3", "mimic4")
+DATASETS = ("eicu", "mimic3", "mimic4", "meds")
+TEACHER_MODELS = ("smollm2", "tiny")   # meds: the eICU demo through export_meds + the MEDS reader
 
 
 def validate_config(cfg: ConfigDict) -> None:
@@ -231,6 +241,8 @@ def validate_config(cfg: ConfigDict) -> None:
     so a bad stage setting fails before the first stage runs."""
     if cfg.dataset not in DATASETS:
         raise cli.UserError(f"demo dataset={cfg.dataset!r}: expected {' | '.join(DATASETS)}")
+    if cfg.teacher_model not in TEACHER_MODELS:
+        raise cli.UserError(f"demo teacher_model={cfg.teacher_model!r}: expected {' | '.join(TEACHER_MODELS)}")
     if int(cfg.tokenizer_vocab) <= 4:
         raise cli.UserError(f"demo tokenizer_vocab={cfg.tokenizer_vocab} is too small")
     from leader_jax import baselines, eval as evaluation
@@ -238,10 +250,11 @@ def validate_config(cfg: ConfigDict) -> None:
     from leader_jax.train import extract_features, pretrain, student, teacher
 
     checks = {"data": prepare, "pretrain": pretrain, "teacher": teacher, "features": extract_features,
-              "student": student, "baseline": baselines, "eval": evaluation}
+              "student": student, "baseline": baselines, "eval": evaluation, "tiny.pretrain": pretrain,
+              "tiny.teacher": teacher}
     for block, module in checks.items():
         try:
-            module.validate_config(cfg[block])
+            module.validate_config(cfg.tiny[block.split(".")[1]] if block.startswith("tiny.") else cfg[block])
         except cli.UserError as e:
             raise cli.UserError(f"demo {block}: {e}") from None
 

@@ -15,12 +15,16 @@ STAGE_OF = {
     "eval.py": "leader_jax.eval",
     "pretrain_tiny.py": "leader_jax.train.pretrain",
     "pretrain_llama7b.py": "leader_jax.train.pretrain",
+    "pretrain_smollm2.py": "leader_jax.train.pretrain",
+    "teacher_smollm2.py": "leader_jax.train.teacher",
     "teacher_tiny.py": "leader_jax.train.teacher",
     "teacher_llama7b.py": "leader_jax.train.teacher",
     "teacher_llama3_8b.py": "leader_jax.train.teacher",
     "extract_features.py": "leader_jax.train.extract_features",
     "student.py": "leader_jax.train.student",
     "demo.py": "leader_jax.demo",
+    "predict.py": "leader_jax.predict",
+    "model_card.py": "leader_jax.model_card",
 }
 
 
@@ -60,10 +64,16 @@ BAD = [
     ("pretrain_tiny.py", {"mode": "lora"}, "mode='lora'"),
     ("teacher_tiny.py", {"model.pool": "max"}, "model.pool='max'"),
     ("teacher_tiny.py", {"train.optim.warmup_steps": 10_000}, "warmup_steps"),
+    ("teacher_smollm2.py", {"lora.task.first_layer": 0}, "first_layer"),
+    ("teacher_tiny.py", {"data.length_buckets": (64, -8)}, "data.length_buckets"),
+    ("pretrain_smollm2.py", {"domain.first_layer": 0}, "first_layer"),
+    ("demo.py", {"teacher_model": "llama"}, "teacher_model='llama'"),
     ("extract_features.py", {"checkpoint": "newest"}, "checkpoint='newest'"),
     ("student.py", {"loss.align_loss": "kl"}, "loss.align_loss='kl'"),
     ("demo.py", {"student.train.lr": -1.0}, "demo student"),
     ("demo.py", {"dataset": "meds_typo"}, "meds_typo"),
+    ("predict.py", {"ddi_filter": "strict"}, "ddi_filter='strict'"),
+    ("model_card.py", {"splits": ("holdout",)}, "splits="),
 ]
 
 

@@ -13,12 +13,14 @@ def tiny_demo_config(out):
     cfg = cli.load_config("demo.py")
     with cfg.unlocked():
         cfg.dataset, cfg.out, cfg.tokenizer_vocab = "mimic3", str(out), 300
-        cfg.pretrain.train.steps, cfg.pretrain.train.optim.warmup_steps = 2, 0
-        cfg.pretrain.corpus.max_titles = 200
-        cfg.pretrain.model.arch.update(dict(hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                                            num_key_value_heads=1, vocab_size=300))
-        cfg.teacher.train.steps, cfg.teacher.train.optim.warmup_steps, cfg.teacher.train.eval_every = 2, 0, 0
-        cfg.teacher.data.eval_max_len = 1024           # a 300-token BPE makes long prompts
+        cfg.teacher_model = "tiny"                     # the from-scratch teacher (the `tiny` blocks)
+        pre, teacher = cfg.tiny.pretrain, cfg.tiny.teacher
+        pre.train.steps, pre.train.optim.warmup_steps = 2, 0
+        pre.corpus.max_titles = 200
+        pre.model.arch.update(dict(hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=300))
+        teacher.train.steps, teacher.train.optim.warmup_steps, teacher.train.eval_every = 2, 0, 0
+        teacher.data.eval_max_len = 1024               # a 300-token BPE makes long prompts
         cfg.student.train.epochs = 1
         cfg.student.model.d, cfg.student.model.ffn, cfg.student.model.bucket_levels = 16, 32, 1
         cfg.baseline.logistic.steps, cfg.baseline.logistic.eval_every = 3, 1

@@ -123,12 +123,25 @@ def _path_str(path: Sequence[Any]) -> str:
     return ".".join(str(p) for p in path)
 
 
-def iter_projections(model: nnx.Module, targets: Iterable[str] | str | None = None
-                     ) -> Iterator[tuple[tuple, nnx.Module]]:
-    """(path, Linear) for every adapter-capable projection whose attribute name is in `targets`."""
+def layer_of(path: Sequence[Any]) -> int | None:
+    """The decoder-layer index in a module path (`(..., "layers", 3, "self_attn", "q_proj")` -> 3)."""
+    parts = [str(p) for p in path]
+    for i, p in enumerate(parts[:-1]):
+        if p == "layers" and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
+def iter_projections(model: nnx.Module, targets: Iterable[str] | str | None = None,
+                     layers: Iterable[int] | None = None) -> Iterator[tuple[tuple, nnx.Module]]:
+    """(path, Linear) for every adapter-capable projection whose attribute name is in `targets` (and, when
+    `layers` is given, whose decoder-layer index is in `layers`)."""
     names = set(normalize_targets(targets)) if targets is not None else set(TARGET_NAMES.values())
+    keep = None if layers is None else {int(i) for i in layers}
     for path, module in nnx.iter_modules(model):
         if path and str(path[-1]) in names and hasattr(module, "adapters") and hasattr(module, "kernel"):
+            if keep is not None and layer_of(path) not in keep:
+                continue
             yield tuple(path), module
 
 
@@ -146,15 +159,17 @@ def _mesh_of(value) -> Any:
 
 def add_adapter(model: nnx.Module, name: str, targets: Iterable[str] | str = ALL_TARGETS, *, rank: int,
                 alpha: float, dropout: float = 0.0, param_type: type | str = TaskLoRA,
-                rngs: nnx.Rngs | None = None, seed: int = 0, dtype: Any = jnp.float32) -> int:
-    """Attach adapter `name` to every targeted projection of `model`; returns how many were added.
+                rngs: nnx.Rngs | None = None, seed: int = 0, dtype: Any = jnp.float32,
+                layers: Iterable[int] | None = None) -> int:
+    """Attach adapter `name` to every targeted projection of `model` (only in decoder layers `layers` when
+    given, e.g. the upper ones); returns how many were added.
 
     Adapters are created on the host and then placed like the kernel's mesh (if it has one), with the
     sharding given by their logical axes (A: kernel-in axis x "lora_rank", B: "lora_rank" x kernel-out)."""
     ptype = resolve_param_type(param_type)
     rngs = rngs if rngs is not None else nnx.Rngs(params=seed)
     count = 0
-    for path, linear in iter_projections(model, targets):
+    for path, linear in iter_projections(model, targets, layers):
         if name in linear.adapters:
             raise ValueError(f"adapter {name!r} already exists on {_path_str(path)}")
         kernel = linear.kernel[...]
@@ -172,7 +187,8 @@ def add_adapter(model: nnx.Module, name: str, targets: Iterable[str] | str = ALL
         linear.adapters[name] = adapter
         count += 1
     if count == 0:
-        raise ValueError(f"no projection named {normalize_targets(targets)} found in the model")
+        raise ValueError(f"no projection named {normalize_targets(targets)} found in the model"
+                         + (f" in layers {sorted(layers)}" if layers is not None else ""))
     return count
 
 
@@ -227,9 +243,16 @@ def adapter_config(model: nnx.Module, name: str) -> dict[str, Any]:
     a0 = found[0][2]
     targets = sorted({str(p[-1]) for p, _, _ in found})
     ptype = type(a0.lora_a)
+    layers = sorted({i for i in (layer_of(p) for p, _, _ in found) if i is not None})
     return {"rank": a0.rank, "alpha": a0.alpha, "dropout": a0.dropout_rate, "targets": targets,
             "param_type": next((k for k, v in PARAM_TYPES.items() if v is ptype), "lora"),
-            "n_modules": len(found)}
+            "n_modules": len(found), "layers": layers}
+
+
+def _partial_layers(model: nnx.Module, info: dict[str, Any]) -> bool:
+    """True when the adapter covers only some of the model's decoder layers."""
+    every = {layer_of(p) for p, _ in iter_projections(model, info["targets"])} - {None}
+    return set(info["layers"]) != every
 
 
 def save_adapter(model: nnx.Module, name: str, out_dir: str | Path, *, base_model_name_or_path: str = "",
@@ -254,7 +277,9 @@ def save_adapter(model: nnx.Module, name: str, out_dir: str | Path, *, base_mode
         "r": info["rank"], "lora_alpha": info["alpha"], "lora_dropout": info["dropout"],
         "target_modules": info["targets"], "bias": "none", "fan_in_fan_out": False,
         "inference_mode": True, "modules_to_save": None, "init_lora_weights": True,
-        "use_rslora": False, "use_dora": False, "layers_to_transform": None, "layers_pattern": None,
+        "use_rslora": False, "use_dora": False, "layers_pattern": None,
+        # the decoder layers that carry the adapter (None = every layer of the model)
+        "layers_to_transform": info["layers"] if info["layers"] and _partial_layers(model, info) else None,
         "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
     }
     atomic_write_bytes(out / ADAPTER_WEIGHTS, st_save(tensors, metadata={"format": "pt"}))
@@ -285,8 +310,12 @@ def load_adapter(model: nnx.Module, in_dir: str | Path, *, name: str | None = No
     targets = cfg["target_modules"]
     if isinstance(targets, str):
         raise ValueError(f"{cfg_path}: regex target_modules are not supported ({targets!r})")
+    layers = cfg.get("layers_to_transform")
+    if isinstance(layers, int):
+        layers = [layers]
     add_adapter(model, name, targets, rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]),
-                dropout=float(cfg.get("lora_dropout", 0.0) if dropout is None else dropout), param_type=ptype)
+                dropout=float(cfg.get("lora_dropout", 0.0) if dropout is None else dropout), param_type=ptype,
+                layers=layers)
     used = set()
     for path, _, adapter in _adapters(model, name):
         for which, var in (("A", adapter.lora_a), ("B", adapter.lora_b)):

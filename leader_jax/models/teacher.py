@@ -20,9 +20,10 @@ class HeadParam(nnx.Param):
 
 
 class HeadStats(HeadParam):
-    """Fixed standardisation of the pooled state before the head (`model.head_norm`, tiny CPU models):
-    set once from the training split at the start of stage 2, never updated (stop_gradient), saved with
-    the head. Typed as a head parameter so it is checkpointed and restored with it."""
+    """Fixed standardisation of the pooled state before the head (`model.head_norm`, CPU models): set
+    once from the training split at the start of stage 2, never updated (stop_gradient), saved with the
+    head. Typed as a head parameter so it is checkpointed and restored with it. With `head_norm` the head
+    also has a bias (`head_bias`, a trained HeadParam) started at the logit of each drug's training prior."""
 
 
 class Teacher(nnx.Module):
@@ -42,9 +43,15 @@ class Teacher(nnx.Module):
         if self.head_norm:
             self.head_mean = HeadStats(jnp.zeros((d,), jnp.float32), out_sharding=(None,))
             self.head_scale = HeadStats(jnp.ones((d,), jnp.float32), out_sharding=(None,))
+            # centring removes the mean direction a bias-free head uses as its bias: give it one back
+            # (set to the logit of each drug's training prior with the statistics, then trained)
+            self.head_bias = HeadParam(jnp.zeros((n_med,), jnp.float32), out_sharding=("labels",))
 
     def __call__(self, input_ids, attention_mask):
-        hidden = self.llama.hidden_states(input_ids, attention_mask)
+        return self.from_hidden(self.llama.hidden_states(input_ids, attention_mask), attention_mask)
+
+    def from_hidden(self, hidden, attention_mask):
+        """(logits, pooled) from final-norm hidden states [B, T, D] (e.g. `frozen_prefix.upper_hidden`)."""
         if self.pool == "last":
             pooled = pool_last(hidden, attention_mask).astype(jnp.float32)
         else:
@@ -55,6 +62,8 @@ class Teacher(nnx.Module):
             feats = (pooled - jax.lax.stop_gradient(self.head_mean[...])) * jax.lax.stop_gradient(
                 self.head_scale[...])
         logits = feats @ self.head[...]
+        if self.head_norm:
+            logits = logits + self.head_bias[...]
         return logits, pooled
 
 

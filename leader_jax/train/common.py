@@ -1,8 +1,10 @@
 """Shared set-up of the training stages: distributed init, mesh, base model + tokenizer loading, logs.
 
-A base model comes from one of: `hf` (an HF LLaMA folder, e.g. stage 1's `PRE/base`, with its tokenizer),
-or `scratch` (random init of a `LlamaConfig` preset; stage 1 of the tiny demo). Tokenizers are loaded with
-`transformers.AutoTokenizer` (never `trust_remote_code`) or from a `tokenizer.json` file.
+A base model comes from one of: `hf` (a pretrained LLaMA at `model.path`: an HF folder such as stage 1's
+`PRE/base`, a llama.cpp `.gguf` file, or a bundled name such as `smollm2`), or `scratch` (random init of a
+`LlamaConfig` preset; stage 1 of the tiny demo). Tokenizers are loaded with `transformers.AutoTokenizer`
+(never `trust_remote_code`), from a `tokenizer.json` file, or rebuilt from a GGUF file's metadata and saved
+beside the run as an ordinary tokenizer folder (`RUN/tokenizer`) that later stages read.
 """
 from __future__ import annotations
 
@@ -64,7 +66,12 @@ def llama_overrides(mcfg: ConfigDict) -> dict[str, Any]:
 
 
 def load_tokenizer(path: str | Path):
-    """An HF tokenizer from a folder (AutoTokenizer, no remote code) or a `tokenizer.json` file."""
+    """An HF tokenizer from a folder (AutoTokenizer, no remote code), a `tokenizer.json` file, or a GGUF file
+    / model name (rebuilt by transformers from the file's metadata; see `load_run_tokenizer`)."""
+    from leader_jax.checkpoints import gguf
+
+    if gguf.is_gguf_spec(path):
+        return gguf.gguf_tokenizer(path)
     path = Path(path)
     if path.is_file():
         from tokenizers import Tokenizer
@@ -80,15 +87,45 @@ def load_tokenizer(path: str | Path):
     raise UserError(f"{path}: no tokenizer.json / tokenizer_config.json")
 
 
+RUN_TOKENIZER = "tokenizer"          # RUN/tokenizer: a GGUF model's tokenizer as an HF tokenizer folder
+_TOKENIZER_SOURCE = "leader_jax_tokenizer_source.json"
+
+
+def load_run_tokenizer(spec: str | Path, run: str | Path):
+    """The tokenizer of `spec` for the run folder `run`. For a GGUF file or name it is rebuilt from the file
+    once and saved as `RUN/tokenizer` (an ordinary HF tokenizer folder; process 0 writes it), and read from
+    there afterwards (also by feature extraction); any other spec is `load_tokenizer(spec)`."""
+    from leader_jax.checkpoints import gguf
+
+    if not gguf.is_gguf_spec(spec):
+        return load_tokenizer(spec)
+    folder = Path(run) / RUN_TOKENIZER
+    source = str(gguf.resolve_model_path(spec).absolute())
+    marker = folder / _TOKENIZER_SOURCE
+    if marker.is_file() and json.loads(marker.read_text()).get("model") == source:
+        return load_tokenizer(folder)
+    if not distributed.is_main_process():
+        return gguf.gguf_tokenizer(spec)
+    tok = gguf.gguf_tokenizer(spec, out_dir=folder)
+    atomic_write_json(marker, {"model": source})
+    return tok
+
+
 def load_base(mcfg: ConfigDict, mesh, seed: int):
-    """(LlamaConfig, Llama on `mesh`) from `model.source` = hf | scratch."""
+    """(LlamaConfig, Llama on `mesh`) from `model.source` = hf (`model.path`: an HF folder, a `.gguf` file
+    or a bundled name such as `smollm2`) | scratch."""
+    from leader_jax.checkpoints import gguf
     from leader_jax.models import llama
 
     if mcfg.source == "hf":
         if not mcfg.path:
-            raise UserError("model.source=hf needs model.path (an HF LLaMA folder)")
+            raise UserError("model.source=hf needs model.path (an HF LLaMA folder, a .gguf file or 'smollm2')")
+        if gguf.is_gguf_spec(mcfg.path):
+            return gguf.load_gguf(mcfg.path, dtype=mcfg.param_dtype, mesh=mesh,
+                                  compute_dtype=mcfg.dtype or None, **llama_overrides(mcfg))
         if not (Path(mcfg.path) / "config.json").exists():
-            raise UserError(f"model.path={mcfg.path}: no config.json (not an HF LLaMA folder)")
+            raise UserError(f"model.path={mcfg.path}: no config.json (not an HF LLaMA folder, a .gguf file or "
+                            f"one of {sorted(gguf.NAMED_MODELS)})")
         return llama.load_hf(mcfg.path, dtype=mcfg.param_dtype, mesh=mesh,
                              compute_dtype=mcfg.dtype or None, **llama_overrides(mcfg))
     if mcfg.source == "scratch":

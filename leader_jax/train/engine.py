@@ -110,7 +110,13 @@ class Engine:
             self.opt_state = jax.jit(tx.init)(self.trainable)
         self.step = 0
         self._train = None
-        self._predict = None
+        self._predict: dict[Any, Any] = {}
+        # distinct batch shapes each compiled step has run (each is compiled once per process)
+        self.shapes: dict[str, set] = {"train": set(), "predict": set()}
+
+    def compiles(self) -> dict[str, int]:
+        """Number of distinct (function, batch shapes) this engine ran: its compilations."""
+        return {k: len(v) for k, v in self.shapes.items()}
 
     # ------------------------------------------------------------------ counts
     def n_trainable(self) -> int:
@@ -155,9 +161,8 @@ class Engine:
         out_sh = (tr_sh, opt_sh, {"loss": rep, "grad_norm": rep})
         return jax.jit(step_fn, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(0, 1))
 
-    def _cache_key(self, kind: str, batch) -> tuple:
-        fn_key = (self.graphdef, self.loss_fn, self.tx) if kind == "train" else (self.graphdef_eval,
-                                                                                 self.predict_fn)
+    def _cache_key(self, kind: str, batch, fn=None) -> tuple:
+        fn_key = (self.graphdef, self.loss_fn, self.tx) if kind == "train" else (self.graphdef_eval, fn)
         ranks = tuple(sorted((k, v.ndim) for k, v in batch.items()))
         return (kind, fn_key, self.mesh, ranks, jax.tree.structure(self.frozen),
                 tuple(str(x.dtype) for x in jax.tree.leaves(self.frozen)))
@@ -166,6 +171,7 @@ class Engine:
         """One optimizer step on a global batch `{name: jax.Array [accum, B, ...]}` (already sharded)."""
         if self._train is None:
             self._train = COMPILED_STEPS.get(self._cache_key("train", batch), lambda: self._build_train(batch))
+        self.shapes["train"].add(tuple(sorted((k, tuple(v.shape)) for k, v in batch.items())))
         with jax.set_mesh(self.mesh):
             self.trainable, self.opt_state, metrics = self._train(
                 self.trainable, self.opt_state, self.rng_keys, self.frozen, batch,
@@ -174,22 +180,27 @@ class Engine:
         return {k: float(v) for k, v in metrics.items()}
 
     # ------------------------------------------------------------------ inference
-    def _build_predict(self):
-        graphdef, fn = self.graphdef_eval, self.predict_fn
+    def _build_predict(self, fn):
+        graphdef = self.graphdef_eval
 
         def pred(trainable, rng_keys, frozen, batch):
             return fn(nnx.merge(graphdef, trainable, rng_keys, frozen), batch)
 
         return jax.jit(pred)
 
-    def predict(self, batch: dict):
-        """`predict_fn(model, batch)` with dropout off; `batch` arrays [B, ...] sharded over the batch."""
-        if self.predict_fn is None:
+    def predict(self, batch: dict, fn: OutFn | None = None):
+        """`fn(model, batch)` (default: the engine's `predict_fn`) with dropout off; `batch` arrays [B, ...]
+        sharded over the batch."""
+        fn = fn or self.predict_fn
+        if fn is None:
             raise ValueError("Engine was built without predict_fn")
-        if self._predict is None:
-            self._predict = COMPILED_STEPS.get(self._cache_key("predict", batch), self._build_predict)
+        if fn not in self._predict:
+            self._predict[fn] = COMPILED_STEPS.get(self._cache_key("predict", batch, fn),
+                                                   lambda: self._build_predict(fn))
+        self.shapes["predict"].add((getattr(fn, "__qualname__", str(fn)),)
+                                   + tuple(sorted((k, tuple(v.shape)) for k, v in batch.items())))
         with jax.set_mesh(self.mesh):
-            return self._predict(self.trainable, self.rng_keys, self.frozen, batch)
+            return self._predict[fn](self.trainable, self.rng_keys, self.frozen, batch)
 
     def model(self, eval_mode: bool = True) -> nnx.Module:
         """A live module view of the current parameters (shares arrays; do not train it)."""

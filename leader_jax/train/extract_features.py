@@ -5,12 +5,15 @@ sharded inference over every split, writing per sample id the pooled final-norm 
 and the drug probabilities with `leader_jax.feature_store.FeatureStoreWriter` (atomic shards, manifest with
 the teacher checkpoint and dataset fingerprints). Every sample is encoded with the evaluation settings
 (`data.eval_max_len`, no sample dropped), so the store covers every id of every split. An interrupted
-extraction resumes: ids already in a shard are skipped.
+extraction resumes: ids already in a shard are skipped. Batches are padded to the teacher's length
+buckets (`data.length_buckets`); `STORE/summary.json` reports the compile count, the padding fraction and
+the time.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ from leader_jax.cli import UserError
 from leader_jax.feature_store import FeatureStoreWriter
 from leader_jax.io import progress
 from leader_jax.train import common, text_batches as tdata, distributed
+from leader_jax.train.length_buckets import PadStats
 from leader_jax.train.engine import Checkpointer, Engine, _abstract
 from leader_jax.train.teacher import (build_teacher, encode_split, eval_max_len, predict_split, teacher_loss,
                                       teacher_predict, tokenizer_path, trainable_filter)
@@ -54,12 +58,25 @@ def params_fingerprint(tree) -> str:
     return h.hexdigest()
 
 
+def _sub(cfg: ConfigDict, dotted: str) -> dict:
+    """The dict holding the last field of `dotted` in cfg (empty when a parent is missing)."""
+    node = cfg.to_dict()
+    for part in dotted.split(".")[:-1]:
+        node = node.get(part, {}) if isinstance(node, dict) else {}
+    return node
+
+
 def load_teacher_run(run: Path, which: str, mesh_shape) -> tuple[ConfigDict, Engine, dict[str, Any]]:
     """(teacher config, inference engine with restored weights, checkpoint info)."""
     cfg_path = run / "config.json"
     if not cfg_path.exists():
         raise UserError(f"{run}: config.json not found (not a teacher run folder?)")
     tcfg = ConfigDict(json.loads(cfg_path.read_text()))
+    missing = [f for f in ("data.length_buckets", "lora.task.first_layer", "model.cache_prefix")
+               if f.split(".")[-1] not in _sub(tcfg, f)]
+    if missing:
+        raise UserError(f"{cfg_path}: lacks {', '.join(missing)} (written by an older leader_jax); train the "
+                        "teacher again")
     with tcfg.unlocked():
         tcfg.mesh = tuple(mesh_shape)
     if which not in CHECKPOINTS:
@@ -102,12 +119,14 @@ def extract(cfg: ConfigDict) -> dict[str, Any]:
             "dataset_fingerprint": prepared.fingerprint(), "dataset_dir": str(Path(tcfg.data_dir).absolute()),
             "pooling": "final-norm hidden state at the EOS (last real token)",
             "eval_max_len": eval_max_len(tcfg)}
-    tok = common.load_tokenizer(tokenizer_path(tcfg))
+    tok = common.load_run_tokenizer(tokenizer_path(tcfg), run)     # RUN/tokenizer for a GGUF base
     special = tdata.SpecialIds.from_tokenizer(tok)
     main = distributed.is_main_process()
     writer = FeatureStoreWriter(out, hidden_dim=teacher.llama.config.hidden_size,
                                 n_med=prepared.vocab.n_med, meta=meta) if main else None
     shards_written, counts = 0, {}
+    buckets = tuple(int(b) for b in tcfg.data.length_buckets) or None
+    stats, t0 = PadStats(), time.perf_counter()
 
     for split in cfg.splits:
         if split not in prepared.splits:
@@ -127,13 +146,16 @@ def extract(cfg: ConfigDict) -> dict[str, Any]:
             if cfg.stop_after_shards and shards_written >= cfg.stop_after_shards:
                 return {"interrupted": True, "counts": counts, "out": str(out)}
             sub = enc.subset(todo[start:start + cfg.shard_size])
-            probs, pooled = predict_split(engine, sub, cfg.batch_size, desc=split)
+            probs, pooled = predict_split(engine, sub, cfg.batch_size, desc=split, buckets=buckets, stats=stats)
             if main:
                 writer.write_shard(split, sub.sample_ids, pooled.astype(np.float16), probs)
             shards_written += 1
+    summary = {"interrupted": False, "counts": counts, "out": str(out), "compiles": engine.compiles()["predict"],
+               "padding": stats.summary(), "seconds": round(time.perf_counter() - t0, 2)}
     if main:
         writer.finalize()
-    return {"interrupted": False, "counts": counts, "out": str(out)}
+        common.write_json(out / "summary.json", summary)
+    return summary
 
 
 def main(cfg: ConfigDict, argv: list[str]) -> None:

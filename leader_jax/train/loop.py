@@ -118,19 +118,23 @@ def write_unfinished(run: Path, summary: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- predict
-def gather(engine: Engine, enc: tdata.Encoded, batch_size: int, desc: str = "predict") -> tuple[np.ndarray, ...]:
-    """The engine's predict outputs (a tuple of [B, ...] arrays) over every row of `enc`, gathered from
-    every process, padding rows of the last batch removed, concatenated on the host."""
+def gather(engine: Engine, enc: tdata.Encoded, batch_size: int, desc: str = "predict", *,
+           buckets=None, stats=None, prefix=None, fn=None) -> tuple[np.ndarray, ...]:
+    """The engine's predict outputs (a tuple of [B, ...] arrays; `fn` replaces the engine's predict
+    function) over every row of `enc`, gathered from every process, in the rows' order (padding rows
+    removed). `buckets`, `stats`, `prefix`: see `text_batches.eval_batches`."""
     from jax.experimental import multihost_utils
 
-    parts: list[list[np.ndarray]] = []
-    for rows, batch in progress(tdata.eval_batches(enc, batch_size, engine.mesh), desc=desc,
-                                total=-(-len(enc) // batch_size), unit="batch"):
-        out = tuple(engine.predict(batch))
+    outs: list[np.ndarray] = []
+    for rows, batch in progress(tdata.eval_batches(enc, batch_size, engine.mesh, buckets=buckets, stats=stats,
+                                                   prefix=prefix),
+                                desc=desc, total=-(-len(enc) // batch_size), unit="batch"):
+        out = engine.predict(batch, fn=fn)
+        out = tuple(out) if isinstance(out, (tuple, list)) else (out,)
         if jax.process_count() > 1:
             out = tuple(multihost_utils.process_allgather(out, tiled=True))
-        if not parts:
-            parts = [[] for _ in out]
-        for acc, x in zip(parts, out):
-            acc.append(np.asarray(x)[:len(rows)])
-    return tuple(np.concatenate(p) for p in parts)
+        if not outs:
+            outs = [np.empty((len(enc),) + tuple(x.shape[1:]), np.asarray(x).dtype) for x in out]
+        for acc, x in zip(outs, out):
+            acc[rows] = np.asarray(x)[:len(rows)]
+    return tuple(outs)

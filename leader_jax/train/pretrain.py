@@ -4,16 +4,22 @@ Causal-LM training on clinical text = the training split's teacher prompts (neve
 are labels) + ICD/ATC titles from the bundled dictionaries. Two modes:
 - `mode=full`: every weight is trained (a tiny LLaMA from scratch, with a byte-level BPE tokenizer
   trained here on the same corpus). Writes `PRE/base/` (HF folder: config, safetensors, tokenizer).
-- `mode=adapter`: a frozen base (HF folder) + a `DomainLoRA` adapter (Clinical LLaMA-LoRA step 1).
+- `mode=adapter`: a frozen pretrained base (`model.path`: an HF folder, a `.gguf` file or `smollm2`) + a
+  `DomainLoRA` adapter (Clinical LLaMA-LoRA step 1).
   Writes `PRE/domain_adapter/` (HF PEFT format) for stage 2's `lora.domain_path`.
 Both report held-out perplexity before and after (a 5 % held-out slice of the corpus; the "before" value
 is kept in the checkpoints, so a resumed run still reports it). What this measures is vocabulary/ontology
-adaptation on open text, not clinical-note adaptation.
+adaptation on open text, not clinical-note adaptation. With `domain.first_layer=K` the adapter sits on
+layers K.. only, and `model.cache_prefix` runs the frozen layers below K once per document
+(`models.frozen_prefix`). Documents are padded to length buckets
+(`data.length_buckets`); summary.json reports the compile count and the padding fraction. A GGUF base's
+tokenizer is saved as `PRE/tokenizer/` (an HF tokenizer folder).
 """
 from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +29,11 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from leader_jax.cli import UserError
-from leader_jax.models import lora
+from leader_jax.models import frozen_prefix as fp, lora
 from leader_jax.models.teacher import causal_lm_loss
 from leader_jax.train import common, loop, text_batches as tdata, distributed
 from leader_jax.train.engine import Checkpointer, Engine
+from leader_jax.train.length_buckets import BucketedStream, PadStats, bucket_set, validate_buckets
 
 MODES = ("full", "adapter")
 
@@ -122,9 +129,9 @@ def lm_nll(model, b):
     return jnp.sum(nll * w, axis=1), jnp.sum(w, axis=1)
 
 
-def heldout_ppl(engine: Engine, enc: tdata.Encoded, batch_size: int) -> float:
-    """exp(total NLL / total target tokens) over the held-out documents."""
-    nll, n = loop.gather(engine, enc, batch_size, desc="held-out ppl")
+def heldout_ppl(engine: Engine, enc: tdata.Encoded, batch_size: int, **kw) -> float:
+    """exp(total NLL / total target tokens) over the held-out documents (`kw`: buckets, stats)."""
+    nll, n = loop.gather(engine, enc, batch_size, desc="held-out ppl", **kw)
     return float(math.exp(float(nll.astype(np.float64).sum()) / max(float(n.astype(np.float64).sum()), 1.0)))
 
 
@@ -144,11 +151,20 @@ def validate_config(cfg: ConfigDict) -> None:
     for k in ("max_len", "max_history"):
         if int(cfg.data[k]) <= (1 if k == "max_len" else -1):
             raise UserError(f"data.{k}={cfg.data[k]} is out of range")
+    if int(cfg.domain.first_layer) < 0:
+        raise UserError(f"domain.first_layer={cfg.domain.first_layer} must be >= 0 (0 = every layer)")
+    if cfg.model.cache_prefix and (cfg.mode != "adapter" or int(cfg.domain.first_layer) <= 0):
+        raise UserError("model.cache_prefix=True needs mode=adapter and domain.first_layer > 0 (the frozen "
+                        "layers below it are cached)")
     if int(cfg.domain.rank) <= 0 or not 0 <= float(cfg.domain.dropout) < 1:
         raise UserError(f"domain.rank={cfg.domain.rank} must be > 0 and domain.dropout={cfg.domain.dropout} "
                         f"in [0, 1)")
     if int(cfg.eval.batch_size) <= 0:
         raise UserError(f"eval.batch_size must be positive, got {cfg.eval.batch_size}")
+    try:
+        validate_buckets("data.length_buckets", cfg.data.length_buckets)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if cfg.tokenizer.train and int(cfg.tokenizer.vocab_size) <= 4:
         raise UserError(f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} is too small")
     loop.validate_train(cfg.train)
@@ -172,7 +188,7 @@ def train(cfg: ConfigDict) -> dict[str, Any]:
         tok = train_tokenizer([d.replace(tdata.SEGMENT_SEP, " ") for d in train_docs], cfg.tokenizer.vocab_size,
                               tok_dir)
     else:
-        tok = common.load_tokenizer(cfg.tokenizer.path or cfg.model.path)
+        tok = common.load_run_tokenizer(cfg.tokenizer.path or cfg.model.path, run)
     special = tdata.SpecialIds.from_tokenizer(tok)
     mcfg = cfg.model
     if mcfg.source == "scratch":
@@ -184,10 +200,15 @@ def train(cfg: ConfigDict) -> dict[str, Any]:
     common.check_batch_sizes(mesh, {"train.micro_batch": cfg.train.micro_batch,
                                     "eval.batch_size": cfg.eval.batch_size})
     conf, model = common.load_base(mcfg, mesh, cfg.seed)
+    k = int(cfg.domain.first_layer) if cfg.model.cache_prefix else 0
     if cfg.mode == "adapter":
         d = cfg.domain
+        n_layers = conf.num_hidden_layers
+        if int(d.first_layer) >= n_layers:
+            raise UserError(f"domain.first_layer={d.first_layer} must be < the model's {n_layers} layers")
         lora.add_adapter(model, "domain", d.targets, rank=d.rank, alpha=d.alpha, dropout=d.dropout,
-                         param_type=lora.DomainLoRA, seed=cfg.seed + 1)
+                         param_type=lora.DomainLoRA, seed=cfg.seed + 1,
+                         layers=range(int(d.first_layer), n_layers) if int(d.first_layer) else None)
         trainable = lora.DomainLoRA
     else:
         trainable = nnx.Param
@@ -196,27 +217,46 @@ def train(cfg: ConfigDict) -> dict[str, Any]:
 
     tr = cfg.train
     tx, schedule = loop.make_tx(tr)
-    engine = Engine(model, trainable, tx, mesh, lm_loss, frozen_dtype=mcfg.frozen_dtype, predict_fn=lm_nll)
+    engine = Engine(model, trainable, tx, mesh, fp.UpperLMLoss(k) if k else lm_loss, frozen_dtype=mcfg.frozen_dtype,
+                    predict_fn=fp.UpperLMNll(k) if k else lm_nll)
     ckpt = Checkpointer(run / "checkpoints", max_to_keep=2)
     identity = common.run_identity(cfg, prepared.fingerprint())
     meta = loop.resume(engine, ckpt, tr, identity, run)
+    buckets = tuple(int(b) for b in cfg.data.length_buckets) or None
+    stats = {"train": PadStats(), "eval": PadStats()}
+    stream = BucketedStream(train_enc.lengths, bucket_set(buckets, cfg.data.max_len), tr.accum * tr.micro_batch,
+                            cfg.seed) if buckets else None
+    if k:                                   # the frozen layers below k, once per document
+        stats["prefix"] = PadStats()
+    caches = {name: fp.PrefixCache(engine, enc, k, cfg.eval.batch_size, buckets=buckets, stats=stats["prefix"],
+                                   desc=f"frozen prefix {name}")
+              for name, enc in (("train", train_enc), ("heldout", held_enc))} if k else {}
+    ppl = lambda: heldout_ppl(engine, held_enc, cfg.eval.batch_size, buckets=buckets,  # noqa: E731
+                              stats=stats["eval"], prefix=caches.get("heldout"))
     if meta is not None and meta.get("heldout_ppl_before") is not None:
         ppl_before = float(meta["heldout_ppl_before"])
     else:                                       # a fresh run (or a checkpoint without the value)
-        ppl_before = heldout_ppl(engine, held_enc, cfg.eval.batch_size) if engine.step == 0 else None
+        ppl_before = ppl() if engine.step == 0 else None
     log = common.open_log(run, engine.step)
     res = loop.fit(engine, ckpt, tr, log=log, desc="pretrain", schedule=schedule,
                    next_batch=lambda step: tdata.train_batch(train_enc, step, tr.accum, tr.micro_batch,
-                                                             cfg.seed, mesh),
+                                                             cfg.seed, mesh, stream=stream, stats=stats["train"],
+                                                             prefix=caches.get("train")),
                    meta=lambda: {**identity, "heldout_ppl_before": ppl_before})
     summary = {**corpus_info, "n_train_docs": len(train_docs), "n_heldout_docs": len(held_docs),
                "train_truncated": train_enc.n_truncated, "mode": cfg.mode, "steps_done": res.steps_done,
                "n_trainable": engine.n_trainable(), "n_frozen": engine.n_frozen(),
                "heldout_ppl_before": ppl_before, "train_seconds_this_run": res.seconds,
+               "length_buckets": list(bucket_set(buckets or (), cfg.data.max_len)),
                **common.mesh_info(mesh)}
+    costs = lambda: {"compiles": engine.compiles(),  # noqa: E731
+                     "padding": {n: v.summary() for n, v in stats.items() if v.computed_tokens},
+                     **({"prefix_cache": {"layers": k, **{n: c.info() for n, c in caches.items()}}}
+                        if caches else {})}
     if not res.finished:
-        return loop.write_unfinished(run, summary)
-    summary["heldout_ppl_after"] = heldout_ppl(engine, held_enc, cfg.eval.batch_size)
+        return loop.write_unfinished(run, {**summary, **costs()})
+    summary["heldout_ppl_after"] = ppl()
+    summary.update(costs())
     trained = nnx.merge(engine.graphdef_eval, distributed.host_copy(engine.trainable), engine.rng_keys,
                         distributed.host_copy(engine.frozen))
     if cfg.mode == "full":

@@ -6,11 +6,19 @@ warmup + linear decay, clipping, optional bf16 frozen base and remat). Every `tr
 validation PRAUC is computed and the best step's trainable weights are kept in `RUN/best/` (the final
 adapters, head and predictions come from that step). Writes
 `RUN/metrics.jsonl`, `RUN/checkpoints/` (resume), `RUN/best/`, `RUN/adapters/task/` (HF PEFT format),
-`RUN/head.npy`, `RUN/predictions/{val,test}.npz`, `RUN/run.json`, `RUN/config.json`, `RUN/summary.json`.
+`RUN/head.npy` (+ `RUN/head_bias.npy` with `model.head_norm`), `RUN/predictions/{val,test}.npz`,
+`RUN/run.json`, `RUN/config.json`, `RUN/summary.json` (with the compile count and the padding fraction),
+and `RUN/tokenizer/` when the base is a GGUF file.
+
+Sequences are padded to length buckets (`data.length_buckets`, see `length_buckets`), not to one fixed
+length. With `lora.task.first_layer=K` the task adapter sits on layers K.. only; `model.cache_prefix`
+then runs the frozen layers below K once per sample and trains on their cached output
+(`models.frozen_prefix`): same loss and gradients, less compute.
 """
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +28,10 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from leader_jax.cli import UserError
-from leader_jax.models import lora
+from leader_jax.models import frozen_prefix as fp, lora
 from leader_jax.models.teacher import HeadParam, Teacher, bce_loss
 from leader_jax.train import common, loop, text_batches as tdata, distributed
+from leader_jax.train.length_buckets import BucketedStream, PadStats, bucket_set, validate_buckets
 from leader_jax.train.engine import Checkpointer, Engine, place
 
 POOLS = ("last", "mean")
@@ -53,9 +62,21 @@ def build_teacher(cfg: ConfigDict, n_med: int, mesh) -> Teacher:
             raise UserError(f"lora.domain_path={cfg.lora.domain_path}: folder not found")
         lora.load_adapter(base, cfg.lora.domain_path, name="domain", param_type=lora.DomainLoRA)
     t = cfg.lora.task
+    n_layers = base.config.num_hidden_layers
+    if int(t.first_layer) > n_layers:
+        raise UserError(f"lora.task.first_layer={t.first_layer} > the model's {n_layers} layers")
+    if cfg.model.cache_prefix and cfg.lora.domain_path:
+        lower = [i for i in lora.adapter_config(base, "domain")["layers"] if i < int(t.first_layer)]
+        if lower and lora.adapter_config(base, "domain")["dropout"] > 0:
+            raise UserError(f"model.cache_prefix: the domain adapter {cfg.lora.domain_path} has dropout > 0 in "
+                            f"the cached layers < lora.task.first_layer={t.first_layer}")
     if t.rank > 0:
-        lora.add_adapter(base, "task", t.targets, rank=t.rank, alpha=t.alpha, dropout=t.dropout,
-                         param_type=lora.TaskLoRA, seed=cfg.seed + 1)
+        try:
+            lora.add_adapter(base, "task", t.targets, rank=t.rank, alpha=t.alpha, dropout=t.dropout,
+                             param_type=lora.TaskLoRA, seed=cfg.seed + 1,
+                             layers=range(int(t.first_layer), n_layers) if int(t.first_layer) else None)
+        except ValueError as e:
+            raise UserError(f"lora.task: {e}") from None
     with nnx.use_eager_sharding(False):
         teacher = Teacher(base, n_med, rngs=nnx.Rngs(cfg.seed + 2), pool=cfg.model.pool,
                           head_norm=bool(cfg.model.head_norm))
@@ -99,24 +120,27 @@ def encode_split(cfg: ConfigDict, prepared, split: str, tokenizer, special,
         raise UserError(str(e)) from None
 
 
-def predict_split(engine: Engine, enc: tdata.Encoded, batch_size: int, desc: str = "predict"):
-    """(probs float32 [N, n_med], pooled float32 [N, D]) over a whole split (process-gathered)."""
-    probs, pooled = loop.gather(engine, enc, batch_size, desc=desc)
+def predict_split(engine: Engine, enc: tdata.Encoded, batch_size: int, desc: str = "predict", **kw):
+    """(probs float32 [N, n_med], pooled float32 [N, D]) over a whole split (process-gathered); `kw`:
+    buckets, stats, prefix, fn of `loop.gather`."""
+    probs, pooled = loop.gather(engine, enc, batch_size, desc=desc, **kw)
     return probs.astype(np.float32), pooled.astype(np.float32)
 
 
-def set_head_stats(engine: Engine, enc: tdata.Encoded, batch_size: int) -> None:
-    """head_norm: mean and 1/std of the initial pooled state over the training split."""
-    _, pooled = predict_split(engine, enc, batch_size, desc="head stats")
+def set_head_stats(engine: Engine, enc: tdata.Encoded, batch_size: int, **kw) -> None:
+    """head_norm: mean and 1/std of the initial pooled state over the training split, and the head bias
+    at the logit of each drug's training prior (clipped to [1e-4, 1 - 1e-4])."""
+    _, pooled = predict_split(engine, enc, batch_size, desc="head stats", **kw)
     mean = pooled.mean(0)
     inv = 1.0 / (pooled.std(0) + 1e-6)
+    prior = np.clip(enc.labels.mean(0), 1e-4, 1 - 1e-4)
+    bias = np.log(prior) - np.log1p(-prior)
 
     def put(path, x):
         k = jax.tree_util.keystr(path)
-        if "head_mean" in k:
-            return jax.device_put(mean.astype(x.dtype), x.sharding)
-        if "head_scale" in k:
-            return jax.device_put(inv.astype(x.dtype), x.sharding)
+        for name, value in (("head_mean", mean), ("head_scale", inv), ("head_bias", bias)):
+            if name in k:
+                return jax.device_put(value.astype(x.dtype), x.sharding)
         return x
 
     engine.trainable = jax.tree_util.tree_map_with_path(put, engine.trainable)
@@ -148,6 +172,19 @@ def validate_config(cfg: ConfigDict) -> None:
                         f"{t.dropout} in [0, 1)")
     if cfg.lora.domain_trainable and not cfg.lora.domain_path:
         raise UserError("lora.domain_trainable=True needs lora.domain_path (a stage-1 domain adapter)")
+    try:
+        validate_buckets("data.length_buckets", d.length_buckets)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if int(t.first_layer) < 0:
+        raise UserError(f"lora.task.first_layer={t.first_layer} must be >= 0 (0 = every layer)")
+    if m.cache_prefix:
+        if int(t.first_layer) <= 0:
+            raise UserError("model.cache_prefix=True needs lora.task.first_layer > 0 (the frozen layers below it "
+                            "are cached)")
+        if m.trainable_base or cfg.lora.domain_trainable:
+            raise UserError("model.cache_prefix=True needs frozen lower layers: set model.trainable_base=False "
+                            "and lora.domain_trainable=False")
     if int(cfg.train.eval_every) < 0:
         raise UserError(f"train.eval_every must be >= 0 (0 = keep the last step), got {cfg.train.eval_every}")
     if int(cfg.eval.batch_size) <= 0:
@@ -196,7 +233,7 @@ def train(cfg: ConfigDict) -> dict[str, Any]:
         raise UserError("set --out RUN (the run folder)")
     run, prepared = common.start_run(cfg)
     mesh = common.make_mesh(cfg)
-    tok = common.load_tokenizer(tokenizer_path(cfg))
+    tok = common.load_run_tokenizer(tokenizer_path(cfg), run)
     special = tdata.SpecialIds.from_tokenizer(tok)
     train_enc = encode_split(cfg, prepared, "train", tok, special)
     val_enc = encode_split(cfg, prepared, "val", tok, special)
@@ -205,27 +242,39 @@ def train(cfg: ConfigDict) -> dict[str, Any]:
     common.check_batch_sizes(mesh, {"train.micro_batch": tr.micro_batch, "eval.batch_size": cfg.eval.batch_size})
     teacher = build_teacher(cfg, prepared.vocab.n_med, mesh)
     tx, schedule = loop.make_tx(tr)
-    engine = Engine(teacher, trainable_filter(cfg), tx, mesh, teacher_loss,
+    k = int(cfg.lora.task.first_layer) if cfg.model.cache_prefix else 0
+    engine = Engine(teacher, trainable_filter(cfg), tx, mesh, fp.UpperLoss(k) if k else teacher_loss,
                     frozen_dtype=cfg.model.frozen_dtype, predict_fn=teacher_predict)
     ckpt = Checkpointer(run / "checkpoints", max_to_keep=2)
     best = BestKeeper(run)
     identity = common.run_identity(cfg, prepared.fingerprint())
     meta = loop.resume(engine, ckpt, tr, identity, run)
     best.resumed(meta, engine.step)
+    eval_bs = int(cfg.eval.batch_size)
+    buckets = tuple(int(b) for b in cfg.data.length_buckets) or None
+    stats = {"train": PadStats(), "eval": PadStats(), "prefix": PadStats()}
+    stream = BucketedStream(train_enc.lengths, bucket_set(buckets, cfg.data.max_len), tr.accum * tr.micro_batch,
+                            cfg.seed) if buckets else None
+    caches = {name: fp.PrefixCache(engine, enc, k, eval_bs, buckets=buckets, stats=stats["prefix"],
+                                   desc=f"frozen prefix {name}")
+              for name, enc in (("train", train_enc), ("val", val_enc))} if k else {}
+    cached = (lambda name: {"prefix": caches[name], "fn": fp.UpperPredict(k)}) if k else (lambda name: {})
     if cfg.model.head_norm and engine.step == 0:
-        set_head_stats(engine, train_enc, int(cfg.eval.batch_size))
+        set_head_stats(engine, train_enc, eval_bs, buckets=buckets, **cached("train"))
     log = common.open_log(run, engine.step)
     info = {"n_trainable": engine.n_trainable(), "n_frozen": engine.n_frozen(), **common.mesh_info(mesh),
             "n_train": len(train_enc), "n_val": len(val_enc),
             "train_truncated": train_enc.n_truncated, "val_truncated": val_enc.n_truncated,
             "train_history_dropped": train_enc.n_history_dropped,
-            "train_dropped_overlong": len(train_enc.dropped_ids)}
-    eval_bs = int(cfg.eval.batch_size)
+            "train_dropped_overlong": len(train_enc.dropped_ids),
+            "length_buckets": {"train": list(bucket_set(buckets or (), cfg.data.max_len)),
+                               "eval": list(bucket_set(buckets or (), eval_max_len(cfg)))}}
 
     def validate(done: int) -> dict | None:
         if not tr.eval_every or (done % tr.eval_every and done != tr.steps):
             return None
-        probs, _ = predict_split(engine, val_enc, eval_bs, desc="val")
+        probs, _ = predict_split(engine, val_enc, eval_bs, desc="val", buckets=buckets, stats=stats["eval"],
+                                 **cached("val"))
         val = val_prauc(val_enc.labels, probs)
         best.offer(engine, val)
         return {"val_prauc": val}
@@ -234,24 +283,38 @@ def train(cfg: ConfigDict) -> dict[str, Any]:
         return {**identity, **best.meta()}
 
     res = loop.fit(engine, ckpt, tr, log=log, desc="teacher", schedule=schedule, after_step=validate,
-                   next_batch=lambda step: tdata.train_batch(train_enc, step, tr.accum, tr.micro_batch,
-                                                             cfg.seed, mesh),
+                   next_batch=lambda step: tdata.train_batch(train_enc, step, tr.accum, tr.micro_batch, cfg.seed,
+                                                             mesh, stream=stream, stats=stats["train"],
+                                                             prefix=caches.get("train")),
                    meta=ckpt_meta, after_checkpoint=best.prune)
     summary = {**info, "steps_done": res.steps_done, "train_seconds_this_run": res.seconds,
                "best_step": best.step, "best_val_prauc": best.val}
+    if caches:
+        summary["prefix_cache"] = {"layers": k, **{name: c.info() for name, c in caches.items()}}
     if not res.finished:                                       # stopped early (stop_after)
-        return loop.write_unfinished(run, summary)
+        return loop.write_unfinished(run, {**summary, **run_costs(engine, stats)})
 
     # ---- final: the best step's weights -> adapters, head, predictions
     if best.step > 0:
         tr_best, _, _ = best.ckpt.restore(best.step, jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), engine.trainable))
         engine.trainable = tr_best
-    finish(cfg, engine, prepared, tok, special, run, summary)
+    finish(cfg, engine, prepared, tok, special, run, summary, buckets=buckets, stats=stats,
+           cached={"val": cached("val")} if k else None)
     return summary
 
 
-def finish(cfg, engine: Engine, prepared, tok, special, run: Path, summary: dict) -> None:
+def run_costs(engine: Engine, stats: dict[str, PadStats]) -> dict[str, Any]:
+    """summary.json fields on what this run computed: compilations (distinct batch shapes per compiled
+    function) and, per phase, the padding fraction (padded positions / positions computed)."""
+    return {"compiles": engine.compiles(),
+            "padding": {name: st.summary() for name, st in stats.items() if st.computed_tokens}}
+
+
+def finish(cfg, engine: Engine, prepared, tok, special, run: Path, summary: dict, *, buckets=None,
+           stats: dict[str, PadStats] | None = None, cached: dict[str, dict] | None = None) -> None:
+    """Export the adapters and head, write the predictions of `eval.splits` (a split in `cached` runs on
+    its frozen-prefix cache: the same values, computed from the cached activations), run.json, summary."""
     host = distributed.host_copy(engine.trainable)           # collective: every process calls it
     model = nnx.merge(engine.graphdef_eval, host, engine.rng_keys, engine.frozen)
     if distributed.is_main_process():
@@ -263,11 +326,14 @@ def finish(cfg, engine: Engine, prepared, tok, special, run: Path, summary: dict
                               base_model_name_or_path=str(cfg.model.path))
         from leader_jax.io import atomic_save_npy
         atomic_save_npy(run / "head.npy", np.asarray(jax.device_get(model.head[...])))
+        if model.head_norm:
+            atomic_save_npy(run / "head_bias.npy", np.asarray(jax.device_get(model.head_bias[...])))
     from leader_jax.eval import write_predictions
 
     for split in cfg.eval.splits:
         enc = encode_split(cfg, prepared, split, tok, special)
-        probs, _ = predict_split(engine, enc, int(cfg.eval.batch_size), desc=split)
+        probs, _ = predict_split(engine, enc, int(cfg.eval.batch_size), desc=split, buckets=buckets,
+                                 stats=(stats or {}).get("eval"), **(cached or {}).get(split, {}))
         if distributed.is_main_process():
             write_predictions(run, split, ids=enc.sample_ids, y_true=enc.labels, y_prob=probs,
                               single_visit=enc.single_visit, data_fingerprint=prepared.fingerprint())
@@ -276,6 +342,8 @@ def finish(cfg, engine: Engine, prepared, tok, special, run: Path, summary: dict
     common.write_json(run / "run.json", {"data_dir": str(Path(cfg.data_dir).absolute()), "model": "teacher",
                                          "config": cfg.config_name, "best_step": summary["best_step"],
                                          "checkpoint": str((run / "best").absolute())})
+    if stats is not None:
+        summary.update(run_costs(engine, stats))
     common.write_json(run / "summary.json", {**summary, "finished": True})
 
 

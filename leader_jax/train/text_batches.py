@@ -1,23 +1,29 @@
 """Prompt tokenisation and deterministic, per-process batches for the teacher (and stage-1 text).
 
-Encoding: `BOS + prompt + EOS`, explicit lengths, right padding to a static length (the teacher pools the
-EOS state at index `length - 1`). A prompt that does not fit loses its *oldest shown* history visits first,
-never the current visit; truncations are counted. A prompt whose current visit alone does not fit is
-dropped and listed (training split) or an error naming the sample (evaluation splits, features).
+Encoding: `BOS + prompt + EOS`, explicit lengths, right padding to the encoding's width (the teacher pools
+the EOS state at index `length - 1`); a batch may be cut down to its length bucket (`length_buckets`). A
+prompt that does not fit loses its *oldest shown* history visits first, never the current visit;
+truncations are counted. A prompt whose current visit alone does not fit is dropped and listed (training
+split) or an error naming the sample (evaluation splits, features).
 
 Batches: the sample order is an endless concatenation of per-epoch permutations seeded by (seed, epoch),
 and step `s` takes stream positions `[s*G, (s+1)*G)`, G = accumulation x micro-batch. The data position is
-therefore a pure function of the step (exact resume). Each process gathers only the rows that live on its
-own devices and assembles the global array with `make_array_from_process_local_data`.
+therefore a pure function of the step (exact resume); with length buckets, `length_buckets.BucketedStream`
+groups the same per-epoch permutations by bucket, again as a pure function of the step. Each process
+gathers only the rows that live on its own devices and assembles the global array with
+`make_array_from_process_local_data`.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from leader_jax.train import distributed
+
+if TYPE_CHECKING:
+    from leader_jax.train.length_buckets import BucketedStream, PadStats
 
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:
@@ -166,37 +172,73 @@ def stream_indices(n: int, start: int, count: int, seed: int) -> np.ndarray:
     return out
 
 
-def train_batch(enc: Encoded, step: int, accum: int, micro: int, seed: int, mesh) -> tuple[dict, int]:
-    """Global batch of `step` as sharded arrays [accum, micro, ...]; returns (batch, real tokens)."""
+def _mask(lengths: np.ndarray, t: int) -> np.ndarray:
+    return (np.arange(t)[None, :] < np.asarray(lengths)[..., None]).astype(np.int32)
+
+
+def train_batch(enc: Encoded, step: int, accum: int, micro: int, seed: int, mesh, *,
+                stream: "BucketedStream | None" = None, stats: "PadStats | None" = None,
+                prefix: Any = None) -> tuple[dict, int]:
+    """Global batch of `step` as sharded arrays [accum, micro, ...]; returns (batch, real tokens).
+
+    Without `stream` the rows are stream positions [step*G, (step+1)*G) padded to the encoding's width;
+    with a `length_buckets.BucketedStream` they are its group of `step`, padded to that group's bucket.
+    With `prefix` (a `frozen_prefix.PrefixCache`) the batch also holds the cached lower-layer activations
+    (`hidden` [accum, micro, T, D])."""
     from leader_jax.train.engine import stacked_batch_sharding
 
     g = accum * micro
-    idx = stream_indices(len(enc), step * g, g, seed).reshape(accum, micro)
-    t = enc.ids.shape[1]
+    if stream is None:
+        idx, t = stream_indices(len(enc), step * g, g, seed), enc.ids.shape[1]
+    else:
+        idx, t = stream.step_rows(step)
+    idx = idx.reshape(accum, micro)
     sh = stacked_batch_sharding(mesh, 3)
     local = distributed.local_rows(sh, (accum, micro, t), axis=1)
     rows = idx[:, local]                                  # only this process's share
-    batch = {"input_ids": distributed.global_array(enc.ids[rows], sh, (accum, micro, t)),
-             "attention_mask": distributed.global_array(enc.mask(rows.ravel()).reshape(rows.shape + (t,)),
-                                                        sh, (accum, micro, t))}
+    batch = {"attention_mask": distributed.global_array(_mask(enc.lengths[rows], t), sh, (accum, micro, t)),
+             "input_ids": distributed.global_array(enc.ids[rows][..., :t], sh, (accum, micro, t))}
+    if prefix is not None:
+        prefix.ensure(idx)                                # every process: the same global rows
+        d = prefix.dim
+        batch["hidden"] = distributed.global_array(prefix.rows(rows.ravel(), t).reshape(rows.shape + (t, d)),
+                                                   stacked_batch_sharding(mesh, 4), (accum, micro, t, d))
     if enc.labels is not None:
         m = enc.labels.shape[1]
         batch["labels"] = distributed.global_array(enc.labels[rows], stacked_batch_sharding(mesh, 3),
                                                    (accum, micro, m))
-    return batch, int(enc.lengths[idx].sum())
+    n_tok = int(enc.lengths[idx].sum())
+    if stats is not None:
+        stats.add(n_tok, g, t, (accum, micro, t))
+    return batch, n_tok
 
 
-def eval_batches(enc: Encoded, batch_size: int, mesh):
-    """Yield (row indices, sharded {input_ids, attention_mask} [B, T]) over the split, last batch padded."""
+def eval_batches(enc: Encoded, batch_size: int, mesh, *, buckets: Sequence[int] | None = None,
+                 stats: "PadStats | None" = None, prefix: Any = None):
+    """Yield (row indices, sharded {input_ids, attention_mask} [B, T]) covering the split once; a short
+    last batch is filled by repeating its last row. Without `buckets` the rows go in order, padded to the
+    encoding's width; with `buckets` they go sorted by length, each batch padded to its bucket
+    (`length_buckets.eval_plan`). With `prefix`, the batch also holds `hidden` [B, T, D]."""
     from leader_jax.sharding import batch_sharding
+    from leader_jax.train.length_buckets import bucket_set, eval_plan
 
-    n, t = len(enc), enc.ids.shape[1]
+    n, width = len(enc), enc.ids.shape[1]
+    if buckets:
+        plan = eval_plan(enc.lengths, batch_size, bucket_set(buckets, width))
+    else:
+        plan = [(np.arange(s, min(s + batch_size, n)), width) for s in range(0, n, batch_size)]
     sh = batch_sharding(mesh, 2)
-    for start in range(0, n, batch_size):
-        rows = np.arange(start, min(start + batch_size, n))
+    for rows, t in plan:
         full = np.concatenate([rows, np.full(batch_size - len(rows), rows[-1])]) if len(rows) < batch_size \
             else rows
         local = distributed.local_rows(sh, (batch_size, t), axis=0)
         sel = full[local]
-        yield rows, {"input_ids": distributed.global_array(enc.ids[sel], sh, (batch_size, t)),
-                     "attention_mask": distributed.global_array(enc.mask(sel), sh, (batch_size, t))}
+        batch = {"attention_mask": distributed.global_array(_mask(enc.lengths[sel], t), sh, (batch_size, t)),
+                 "input_ids": distributed.global_array(enc.ids[sel][:, :t], sh, (batch_size, t))}
+        if prefix is not None:
+            prefix.ensure(full)                           # every process: the same global rows
+            batch["hidden"] = distributed.global_array(prefix.rows(sel, t), batch_sharding(mesh, 3),
+                                                       (batch_size, t, prefix.dim))
+        if stats is not None:
+            stats.add(int(enc.lengths[rows].sum()), batch_size, t)
+        yield rows, batch

