@@ -1,6 +1,6 @@
 """`python -m leader_jax.predict`: drug recommendations for new patients from a trained run.
 
-    python -m leader_jax.predict --config.run_dir=RUN --config.input=patients.jsonl \
+    python -m leader_jax.predict --config.run_dir=RUN --config.input=patients.jsonl|MEDS_ROOT \
         [--config.out=recs.jsonl] [--config.top_k=10] [--config.threshold=val|0.5] \
         [--config.ddi_filter=off|drop_lower|penalty] [--config.ddi_penalty=0.25]
 
@@ -8,8 +8,10 @@ Input: one JSON object per line (schema in `leader_jax.patient_input` and docs/p
 JSON object per non-blank input line, in input order (`leader_jax.recommender.Recommender.results`).
 A malformed line gives an output record `{"line": N, "status": "error", "error": ...}` and a message on
 stderr; every other line is still predicted and written, and the command then ends with exit status 2
-naming the failed lines. The input is streamed in chunks of `chunk_size` lines, and the output file is
-written atomically.
+naming the failed lines. The input is streamed in chunks of `chunk_size` lines, parsed and encoded
+column-wise for student runs (`leader_jax.patient_columns`), and the output file is written atomically.
+A MEDS folder as input (`leader_jax.meds_input`): each subject's last visit is predicted, and the
+records are those of the Python API (no line number).
 """
 from __future__ import annotations
 
@@ -19,12 +21,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from ml_collections import ConfigDict
 
 from leader_jax.cli import UserError
 from leader_jax.ddi_safety import FILTERS
 
 CHECKPOINTS = ("best", "last")
+MEDS_SPLITS = ("", "train", "val", "test")
 
 
 def _tmp_path(path: str) -> str:
@@ -49,6 +53,9 @@ def validate_config(cfg: ConfigDict) -> None:
     for name, lo in (("top_k", 0), ("batch_size", 1), ("chunk_size", 1)):
         need(isinstance(cfg[name], int) and not isinstance(cfg[name], bool) and cfg[name] >= lo, name,
              f"must be an integer >= {lo}")
+    need(cfg.meds_split in MEDS_SPLITS, "meds_split", f"expected one of {MEDS_SPLITS} ('' = every subject)")
+    from leader_jax.data.prepare import validate_meds
+    validate_meds(cfg.meds)
     need(cfg.teacher_checkpoint in CHECKPOINTS, "teacher_checkpoint", f"expected one of {CHECKPOINTS}")
     mesh = tuple(cfg.mesh)
     need(len(mesh) == 3 and all(isinstance(s, int) and (s >= 1 or s == -1) for s in mesh), "mesh",
@@ -58,50 +65,65 @@ def validate_config(cfg: ConfigDict) -> None:
 def run_predict(cfg: ConfigDict, recommender=None) -> dict:
     """Predict every line of `cfg.input` into `cfg.out` (or stdout); returns counts. Raises UserError
     after writing everything when some lines failed."""
-    from leader_jax.patient_input import parse_lines
+    from leader_jax.meds_input import is_meds_folder, read_patients
+    from leader_jax.patient_columns import ERROR, NO_PREDICTION, OK
     from leader_jax.recommender import Recommender
 
     validate_config(cfg)
     if not cfg.run_dir:
         raise UserError("set --config.run_dir=RUN (a finished student or teacher run)")
     if not cfg.input:
-        raise UserError("set --config.input=patients.jsonl (one patient per line; '-' = stdin)")
-    if cfg.input != "-" and not Path(cfg.input).is_file():
+        raise UserError("set --config.input=patients.jsonl (one patient per line; '-' = stdin) or a MEDS folder")
+    meds = is_meds_folder(cfg.input)
+    if cfg.input != "-" and not meds and not Path(cfg.input).is_file():
         raise UserError(f"input file not found: {cfg.input}")
     rec = recommender or Recommender.load(cfg.run_dir, cfg)
     t0 = time.perf_counter()
     counts = {"lines": 0, "ok": 0, "no_prediction": 0, "error": 0}
     failed: list[int] = []
-    src = sys.stdin if cfg.input == "-" else open(cfg.input, encoding="utf-8")
+    if meds:
+        patients = read_patients(cfg.input, cfg.meds, rec.visit_order, cfg.meds_split)
+        src = iter([patients[i:i + cfg.chunk_size] for i in range(0, len(patients), cfg.chunk_size)])
+    else:
+        src = sys.stdin if cfg.input == "-" else open(cfg.input, encoding="utf-8")
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-    out = open(_tmp_path(cfg.out), "w", encoding="utf-8") if cfg.out else sys.stdout
+    if not cfg.out:
+        sys.stdout.flush()
+    out = open(_tmp_path(cfg.out), "wb") if cfg.out else sys.stdout.buffer
 
-    def emit(parsed) -> None:
-        out.write("".join(x + "\n" for x in rec.predict_lines(parsed)))
-        for p in parsed:
-            if p.patient is None:
-                counts["error"] += 1
-                failed.append(p.line)
-                print(f"error: {p.error}", file=sys.stderr)
-            else:
-                counts["ok" if p.patient.sample is not None else "no_prediction"] += 1
-        counts["lines"] += len(parsed)
+    def emit(text: bytes, records) -> None:
+        out.write(text)
+        kind = records.kind
+        for i in np.flatnonzero(kind == ERROR).tolist():
+            failed.append(int(records.line[i]))
+            print(f"error: {records.text[i]}", file=sys.stderr)
+        counts["error"] += int((kind == ERROR).sum())
+        counts["ok"] += int((kind == OK).sum())
+        counts["no_prediction"] += int((kind == NO_PREDICTION).sum())
+        counts["lines"] += len(records)
 
     try:
         first = 1
         while True:
+            if meds:                   # MEDS subjects: records without a line number
+                chunk = next(src, None)
+                if chunk is None:
+                    break
+                emit(*rec.predict_text(chunk))
+                continue
             lines = list(itertools.islice(src, cfg.chunk_size))
             if not lines:
                 break
-            parsed = parse_lines(lines, rec.resolver, first_line=first)
+            emit(*rec.predict_chunk(lines, first_line=first))
             first += len(lines)
-            emit(parsed)
         if cfg.out:
             out.close()
             os.replace(_tmp_path(cfg.out), cfg.out)        # atomic: the output appears complete or not at all
+        else:
+            out.flush()
     finally:
-        if src is not sys.stdin:
+        if hasattr(src, "close") and src is not sys.stdin:
             src.close()
         if cfg.out and not out.closed:
             out.close()

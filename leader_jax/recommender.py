@@ -25,9 +25,9 @@ from ml_collections import ConfigDict
 
 from leader_jax import ddi_safety
 from leader_jax.cli import UserError
-from leader_jax.patient_input import CodeResolver, ParsedLine, PatientInput, parse_patient
-
-PROB_DIGITS = 7          # probabilities are written rounded to this many decimals (|error| <= 5e-8)
+from leader_jax.patient_columns import OK, Records, records_from_parsed
+from leader_jax.patient_input import CodeResolver, PatientInput, parse_lines, parse_patient
+from leader_jax.predict_render import PROB_DIGITS, Renderer  # noqa: F401  (PROB_DIGITS: part of the API)
 
 
 # ------------------------------------------------------------------------------------- model adapters
@@ -81,7 +81,8 @@ def _student_backend(run: Path, meta: dict, data, cfg: ConfigDict) -> Callable[[
     def predict(samples: Sequence) -> np.ndarray:
         return model(encode(samples))
 
-    predict.encode, predict.model, predict.trainer = encode, model, trainer     # for scripts/bench_predict.py
+    predict.encode, predict.model, predict.trainer = encode, model, trainer     # column-wise inputs, benchmarks
+    predict.max_visits = max_visits
     return predict
 
 
@@ -142,7 +143,6 @@ class Recommender:
         self._predict_fn = predict_fn
         self.resolver = CodeResolver(data.vocab)
         self.ddi_graph = ddi_safety.graph_note(data) if data.ddi is not None else None
-        self._sym = ddi_safety.symmetric(data.ddi) if data.ddi is not None else None
 
     @classmethod
     def load(cls, run_dir: str | Path, config: ConfigDict | None = None, **overrides) -> "Recommender":
@@ -202,90 +202,62 @@ class Recommender:
         return out
 
     def predict(self, patients: Iterable[Any]) -> list[dict[str, Any]]:
-        """One result dict per patient object: the CLI's output lines, parsed."""
+        """One result dict per patient object: the CLI's output lines (without `line`), parsed."""
         inputs = self.parse(patients)
-        return [json.loads(x) for x in self.render(inputs, self.predict_proba(inputs))]
+        return self.results(inputs, self.predict_proba(inputs))
 
-    def predict_lines(self, parsed: Sequence[ParsedLine], probs: np.ndarray | None = None) -> list[str]:
-        """The CLI's output lines (JSON text, no newline) for parsed JSONL lines, in order; a malformed
-        line gives an error record. `probs`: `predict_proba` of the valid lines, if already computed."""
-        ok = [p.patient for p in parsed if p.patient is not None]
-        res = iter(self.render(ok, self.predict_proba(ok) if probs is None else probs))
-        return [f'{{"line": {p.line}, "status": "error", "error": {json.dumps(p.error, ensure_ascii=False)}}}'
-                if p.patient is None else f'{{"line": {p.line}, {next(res)[1:]}' for p in parsed]
+    def predict_chunk(self, lines: Sequence[str], first_line: int = 1) -> tuple[bytes, Records]:
+        """The CLI's output text, UTF-8 (one line per non-blank input line, in order; a malformed line gives
+        an error record) and the parsed records, for JSONL lines numbered from `first_line`."""
+        records = self.parse_chunk(lines, first_line)
+        return self.renderer.render(records, self._records_proba(records)), records
+
+    def predict_text(self, patients: Sequence[Any]) -> tuple[bytes, Records]:
+        """Output text (UTF-8, the Python API's records: no line number) and records of patient objects."""
+        records = records_from_parsed(self.parse(patients), lines=False)
+        return self.renderer.render(records, self._records_proba(records)), records
+
+    @property
+    def visit_order(self) -> str:
+        """The visit order the run's data was prepared with (MEDS input orders visits the same way)."""
+        from leader_jax.cli import load_config
+        return self.data.stats.get("config", {}).get("visit_order") or load_config("data.py").visit_order
+
+    def parse_chunk(self, lines: Sequence[str], first_line: int = 1) -> Records:
+        """JSONL lines → `Records` (student runs: column-wise, `leader_jax.patient_columns`)."""
+        if self._chunk_parser is not None:
+            return self._chunk_parser.parse(lines, first_line)
+        return records_from_parsed(parse_lines(lines, self.resolver, first_line))
+
+    def _records_proba(self, records: Records) -> np.ndarray:
+        """Probabilities [OK records, n_med] of the records that get a prediction."""
+        if records.enc is not None:
+            return self._predict_fn.model(records.enc)
+        if records.samples:
+            return self._predict_fn(records.samples)
+        return np.zeros((0, self.vocab.n_med), np.float32)
+
+    @functools.cached_property
+    def _chunk_parser(self):
+        if self.model != "student":
+            return None
+        from leader_jax.patient_columns import ChunkParser
+        return ChunkParser(self.resolver, self._predict_fn.max_visits)
 
     # --------------------------------------------------------------------------------------- outputs
     @functools.cached_property
-    def _fragments(self) -> tuple[list[str], np.ndarray]:
-        """JSON text of each drug (up to its probability) and of each interacting pair of the graph."""
-        names = self.vocab.names
-        code = list(self.vocab.med)
-        name = [names.get(t, t.partition(":")[2] or t) for t in code]
-        drug = ['{"code": ' + json.dumps(c, ensure_ascii=False) + ', "name": ' + json.dumps(n, ensure_ascii=False)
-                + ', "probability": ' for c, n in zip(code, name)]
-        m = len(code)
-        pairs = np.full(m * m, "", dtype=object)                  # pair lo·m + hi → its JSON text
-        if self._sym is not None:
-            for a, b in zip(*np.nonzero(np.triu(self._sym, 1))):
-                pairs[a * m + b] = json.dumps({"drugs": [code[a], code[b]], "names": [name[a], name[b]]},
-                                              ensure_ascii=False)
-        return drug, pairs
+    def renderer(self) -> Renderer:
+        return Renderer(self.vocab, self.threshold, self.ddi, self.ddi_graph, self.cfg)
 
     def render(self, inputs: Sequence[PatientInput], probs: np.ndarray) -> list[str]:
         """One JSON object (text) per patient: the drugs ranked by probability (`top_k`), the
         recommended set at the threshold after the DDI filter, the interacting pairs left in it, the
-        drugs the filter removed, the unknown codes. Built as text, vectorised over patients (the CLI's
-        throughput); `predict` parses it, so the API and the CLI cannot differ."""
-        cfg = self.cfg
-        n, m = len(inputs), self.vocab.n_med
-        k = m if cfg.top_k == 0 else min(int(cfg.top_k), m)
-        ok = np.fromiter((p.sample is not None for p in inputs), dtype=bool, count=n)
-        safe = np.where(ok[:, None], probs, 0.0).astype(np.float32)
-        sets, scores = ddi_safety.filter_sets(safe, self.threshold, self.ddi, cfg.ddi_filter, cfg.ddi_penalty)
-        cand = safe >= np.float32(self.threshold)
-        n_cand = cand.sum(axis=1)
-        width = min(m, max(k, int(n_cand.max(initial=0))))
-        order = ddi_safety.top_order(safe, width)                 # [n, width] by probability, ties by index
-        drug, pair_text = self._fragments
-        if self.ddi is not None:
-            starts, lo, hi = ddi_safety.pair_index(sets, self.ddi)
-            pair_list = pair_text[lo * m + hi].tolist()
-        filt = cfg.ddi_filter != "off" and self.ddi is not None
-        rounded = np.round(safe.astype(np.float64), PROB_DIGITS)
-        thr = repr(round(self.threshold, PROB_DIGITS))
-        graph = json.dumps(self.ddi_graph)
-        head_filter = '{"mode": ' + json.dumps(cfg.ddi_filter) + (
-            f', "strength": {float(cfg.ddi_penalty)!r}' if cfg.ddi_filter == "penalty" else "")
-        out = []
-        for i, p in enumerate(inputs):
-            tail = (', "unknown_codes": ' + (json.dumps(p.unknown_codes, ensure_ascii=False) if p.unknown_codes
-                                             else "[]")
-                    + ', "dropped_visits": ' + (json.dumps(p.dropped_visits) if p.dropped_visits else "[]") + "}")
-            head = '{"id": ' + json.dumps(p.id, ensure_ascii=False)
-            if p.sample is None:
-                out.append(head + ', "status": "no_prediction", "reason": ' + json.dumps(p.no_prediction) + tail)
-                continue
-            row, prow, srow = order[i].tolist(), rounded[i], sets[i]
-            top = row[:n_cand[i]]
-            rec = [j for j in top if srow[j]] if filt else top
-            vals = prow.tolist()
-            text = [head, ', "status": "ok", "threshold": ', thr, ', "recommended": [',
-                    ", ".join([drug[j] + repr(vals[j]) + "}" for j in rec]), '], "ranked": [',
-                    ", ".join([drug[j] + repr(vals[j]) + "}" for j in row[:k]]), "]"]
-            if self.ddi is None:
-                text.append(', "ddi": null')
-            else:
-                text += [', "ddi": {"graph": ', graph, ', "pairs": [',
-                         ", ".join(pair_list[starts[i]:starts[i + 1]]), "]}"]
-            if filt:
-                gone = [j for j in top if not srow[j]]
-                sc = scores[i]
-                text += [', "ddi_filter": ', head_filter, ', "removed": [',
-                         ", ".join([drug[j] + repr(vals[j]) + ', "score": ' + repr(round(float(sc[j]), PROB_DIGITS))
-                                    + "}" for j in gone]), "]}"]
-            text.append(tail)
-            out.append("".join(text))
-        return out
+        drugs the filter removed, the unknown codes (`leader_jax.predict_render`). `probs`: as
+        `predict_proba` gives them. `predict` parses this text, so the API and the CLI cannot differ."""
+        records = records_from_parsed(inputs, lines=False)
+        ok = records.kind == OK
+        text = self.renderer.render(records, np.asarray(probs)[ok] if len(inputs) else probs)
+        return text.decode("utf-8").split("\n")[:-1]
 
     def results(self, inputs: Sequence[PatientInput], probs: np.ndarray) -> list[dict[str, Any]]:
         """`render`, parsed."""

@@ -14,8 +14,9 @@ Timed passes, interleaved so both see the same machine load (medians reported):
 - end to end: `leader_jax.predict.run_predict` on the JSONL file into an output JSONL file;
 - in memory: the student's `StudentTrainer.predict` on the already encoded patients (what
   scripts/bench_student.py measures).
-A further pass, one stage at a time over all patients (no pipelining), splits the end-to-end time into
-parse, encode, model, and results + write.
+A further pass, one stage at a time over all patients in one chunk (no pipelining), splits the
+end-to-end time into parse + encode (`leader_jax.patient_columns`), model, render
+(`leader_jax.predict_render`) and write.
 """
 from __future__ import annotations
 
@@ -69,6 +70,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--work", default="runs/bench_predict")
     ap.add_argument("--json", default="", help="also write the results to this file")
+    ap.add_argument("--threshold", default="val", help="predict config threshold (val = the run's val-tuned θ, "
+                    "0.16 here: ~30 recommended drugs and ~50 DDI pairs, 10 KB of output per patient)")
     args = ap.parse_args()
 
     from leader_jax import Recommender
@@ -79,11 +82,12 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     run = build_run(work)
-    rec = Recommender.load(run)
+    rec = Recommender.load(run, threshold=args.threshold)
     inp, out = work / f"patients_{args.patients}.jsonl", work / "recs.jsonl"
     if not inp.is_file():
         write_patients(inp, rec.vocab, args.patients, seed=1)
-    cfg = load_config("predict.py", {"run_dir": str(run), "input": str(inp), "out": str(out)})
+    cfg = load_config("predict.py", {"run_dir": str(run), "input": str(inp), "out": str(out),
+                                     "threshold": args.threshold})
     backend = rec._predict_fn
     lines = inp.read_text(encoding="utf-8").splitlines(keepends=True)
     samples = [p.patient.sample for p in parse_lines(lines, rec.resolver)]
@@ -104,22 +108,23 @@ def main() -> None:
     for _ in range(args.repeats):          # interleaved: both see the same load
         t = time.perf_counter(); e2e(); t_e2e.append(time.perf_counter() - t)                      # noqa: E702
         t = time.perf_counter(); in_memory(); t_mem.append(time.perf_counter() - t)                # noqa: E702
-    stages = {}
-    t = time.perf_counter(); parsed = parse_lines(lines, rec.resolver); stages["parse"] = time.perf_counter() - t  # noqa
-    t = time.perf_counter(); e = backend.encode([p.patient.sample for p in parsed]); stages["encode"] = time.perf_counter() - t  # noqa
-    t = time.perf_counter(); probs = backend.model(e); stages["model"] = time.perf_counter() - t  # noqa
-    t = time.perf_counter()
-    text = "".join(x + "\n" for x in rec.predict_lines(parsed, probs))
-    (work / "stage_pass.jsonl").write_text(text)
-    stages["results_and_write"] = time.perf_counter() - t
+    stages = {}                     # one stage at a time over all patients, one chunk
+    t = time.perf_counter(); records = rec.parse_chunk(lines); stages["parse_and_encode"] = time.perf_counter() - t  # noqa
+    t = time.perf_counter(); probs = backend.model(records.enc); stages["model"] = time.perf_counter() - t  # noqa
+    t = time.perf_counter(); text = rec.renderer.render(records, probs); stages["render"] = time.perf_counter() - t  # noqa
+    t = time.perf_counter(); (work / "stage_pass.jsonl").write_bytes(text); stages["write"] = time.perf_counter() - t  # noqa
+    head = text.split(b"\n", 2000)[:2000]
+    head = [x for x in head if x]
+    n_rec = sum(len(json.loads(x)["recommended"]) for x in head) / max(len(head), 1)
     m_e2e, m_mem = statistics.median(t_e2e), statistics.median(t_mem)
     n = args.patients
-    out_res = {"patients": n, "cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
+    out_res = {"patients": n, "threshold": rec.threshold, "cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
                "inference_path": "kernel" if backend.trainer.kernel else f"xla ({backend.trainer.kernel_note})",
                "mean_visits": float(enc.n_visits.mean()), "first_e2e_pass_s": round(warm, 2),
                "e2e_times_s": [round(x, 3) for x in t_e2e], "in_memory_times_s": [round(x, 3) for x in t_mem],
                "e2e_patients_per_s": round(n / m_e2e), "in_memory_patients_per_s": round(n / m_mem),
                "e2e_over_in_memory_time": round(m_e2e / m_mem, 2),
+               "output_mb": round(len(text) / 2**20, 1), "recommended_per_patient": round(n_rec, 1),
                "stage_pass_s": {k: round(v, 3) for k, v in stages.items()}}
     print(f"end to end (JSONL → JSONL): median {m_e2e:.2f} s = {n / m_e2e:,.0f} patients/s; in-memory student "
           f"inference: median {m_mem:.2f} s = {n / m_mem:,.0f} patients/s; end to end takes "

@@ -1,7 +1,9 @@
 """`python -m leader_jax.predict` / `Recommender` on a tiny no-KD student run of the synthetic data: a
 prepared test patient gets exactly its predictions/test.npz row, unknown codes are listed, a malformed
 line is reported by number while the others are written (exit status 2), the Python API equals the
-CLI, and the DDI filters keep their promises against a direct computation from the DDI matrix."""
+CLI, the DDI filters keep their promises against a direct computation from the DDI matrix, the CLI's
+column-wise path equals the per-line path byte for byte, and a MEDS folder as input gives the records
+of the JSONL of the same patients."""
 import json
 import subprocess
 import sys
@@ -210,3 +212,142 @@ def test_teacher_run_predicts_its_own_test_rows(prepared_synthetic, data, tmp_pa
     got = rec.predict_proba(rec.parse([sample_to_patient(s) for s in data.splits["test"]]))
     np.testing.assert_allclose(got, load_npz(tmp_path / "teacher" / "predictions" / "test.npz")["y_prob"],
                                rtol=0, atol=1e-6)
+
+
+def test_probability_text_is_python_repr_of_the_rounded_value():
+    from leader_jax.predict_render import _prob_index, _prob_tables
+    rng = np.random.default_rng(0)
+    p = np.concatenate([rng.random(100_000, dtype=np.float32), rng.random(20_000, dtype=np.float32) * 2e-4,
+                        np.float32([0, 1, 1e-7, 4e-8, 6e-8, 9.99e-5, 1e-4, 0.5, 0.1, 0.99999995])])
+    rounded = np.round(p.astype(np.float64), 7)
+    a, b = _prob_index(np.rint(rounded * 1e7).astype(np.int64))
+    head, tail = _prob_tables()
+    got = [(x + y).decode() for x, y in zip(head[a], tail[b])]
+    assert got == [repr(v) + "}" for v in rounded.tolist()]
+
+
+def _edited_lines(data, n=240):
+    """JSONL lines of prepared patients with every kind of oddity the per-line path handles."""
+    rng = np.random.default_rng(3)
+    samples = data.splits["train"][:n]
+    dx = list(data.vocab.diag)
+    lines = []
+    for i, s in enumerate(samples):
+        d = sample_to_patient(s)
+        v = d["visits"]
+        bare = lambda c: c.partition(":")[2]  # noqa: E731
+        for vis in v:                                   # bare codes, as a user writes them
+            vis["diagnoses"] = [bare(c) for c in vis["diagnoses"]]
+        r = i % 16
+        if r == 0:
+            v[-1]["diagnoses"] += ["NOPE", " " + v[-1]["diagnoses"][0] + " ", 'é"x\\']
+        elif r == 1:
+            v[0]["procedures"] = ["X"] + v[0]["procedures"] + v[0]["procedures"]
+        elif r == 2:
+            v.insert(0, {"diagnoses": ["ZZ"], "procedures": [], "medications": ["QQ"]})
+        elif r == 3:
+            d["profile"]["gender"] = "alien"
+        elif r == 4:
+            d["profile"]["gender"], d["profile"]["age"] = "alien", "old"
+        elif r == 5:
+            v[-1]["diagnoses"], v[-1]["procedures"] = ["bad"], []
+        elif r == 6:
+            d["id"] = 17
+        elif r == 7:
+            lines.append("{oops\n" if i % 32 == 7 else "   \n")
+            continue
+        elif r == 8:
+            v[-1]["medications"] = ["nonsense", None]
+        elif r == 9:
+            del d["id"]
+            v[0]["diagnoses"] = [dx[0], bare(dx[0]), dx[1]] + v[0]["diagnoses"]
+        elif r == 10:
+            d["visits"] = [] if i % 32 == 10 else "none"
+        elif r == 11:
+            d["id"], d["profile"]["shoe"] = 'ü\n"q', "44"
+        elif r == 12:
+            v[0]["diagnoses"] = [c[:3] + "." + c[3:] for c in v[0]["diagnoses"]]
+        elif r == 13:
+            v[-1]["medications"] = ["whatever"]
+            v.extend([{"diagnoses": [], "procedures": []}] * int(rng.integers(0, 2)))
+        elif r == 14:
+            v *= 6                                       # more visits than the student keeps
+        lines.append(json.dumps(d, ensure_ascii=bool(i % 2)) + ("\n" if i + 1 < len(samples) else ""))
+    return lines
+
+
+def test_columnwise_chunks_equal_the_per_line_path(rec, data):
+    """The column-wise parser (the CLI's path for student runs) gives the per-line path's records,
+    encoding and output bytes, including every line it hands over to that path."""
+    from leader_jax.patient_columns import records_from_parsed
+    from leader_jax.patient_input import parse_lines
+    from leader_jax.train.student_inputs import encode_samples
+
+    lines = _edited_lines(data)
+    fast = rec._chunk_parser.parse(lines, first_line=11)
+    slow = records_from_parsed(parse_lines(lines, rec.resolver, first_line=11))
+    slow.enc = encode_samples(slow.samples, data.vocab, rec._predict_fn.max_visits)
+    assert fast.line.tolist() == slow.line.tolist() and fast.kind.tolist() == slow.kind.tolist()
+    assert sorted(set(fast.kind.tolist())) == [0, 1, 2]
+    for name in ("ids", "text", "unknown", "dropped"):
+        assert getattr(fast, name) == getattr(slow, name), name
+    assert sum(u != "[]" for u in fast.unknown) > 50 and sum(d != "[]" for d in fast.dropped) > 5
+    for name in ("ids", "n_visits", "profile", "single_visit", "needs"):
+        np.testing.assert_array_equal(getattr(fast.enc, name), getattr(slow.enc, name), err_msg=name)
+    for name in ("diag", "proc", "med"):
+        a, b = getattr(fast.enc, name), getattr(slow.enc, name)
+        w = max(a.shape[-1], b.shape[-1])
+        np.testing.assert_array_equal(np.pad(a, ((0, 0), (0, 0), (0, w - a.shape[-1]))),
+                                      np.pad(b, ((0, 0), (0, 0), (0, w - b.shape[-1]))), err_msg=name)
+    probs = rec._records_proba(fast)
+    assert rec.renderer.render(fast, probs) == rec.renderer.render(slow, rec._predict_fn.model(slow.enc))
+
+
+@pytest.fixture(scope="module")
+def meds_root(prepared_synthetic, tmp_path_factory):
+    """The synthetic raw tables exported to MEDS (with the native split)."""
+    from leader_jax.data.export_meds import export
+    return export("mimic3", tmp_path_factory.mktemp("meds") / "meds", raw_dir=str(prepared_synthetic.parent / "raw"),
+                  splits="native")
+
+
+def test_meds_folder_input_equals_the_jsonl_of_its_patients(rec, data, student_run, meds_root, tmp_path):
+    """--config.input=MEDS_ROOT predicts each subject's last visit: the test subjects give the records of
+    the JSONL of the prepared test patients (so their predictions/test.npz rows), also when the newest
+    visit has no drug recorded yet."""
+    import shutil
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from leader_jax.predict import run_predict
+
+    def predict(inp, out, **kw):
+        run_predict(load_config("predict.py", {"run_dir": str(student_run), "input": str(inp), "out": str(out),
+                                               **kw}), recommender=rec)
+        return [json.loads(x) for x in out.read_text().splitlines()]
+
+    test = data.splits["test"]
+    jsonl = tmp_path / "test.jsonl"
+    jsonl.write_text("".join(json.dumps(sample_to_patient(s)) + "\n" for s in test))
+    ref = [{k: v for k, v in r.items() if k != "line"} for r in predict(jsonl, tmp_path / "a.jsonl")]
+    got = predict(meds_root, tmp_path / "b.jsonl", meds_split="test")
+    assert len(got) == len(test) > 5 and got == ref
+    # drop the drugs of one multi-visit subject's newest admission: still that visit, same records
+    s = next(s for s in test if not s.single_visit)
+    sid = int(s.patient_id)
+    shard = next(p for p in sorted((meds_root / "data").rglob("*.parquet"))
+                 if sid in pq.read_table(p, columns=["subject_id"]).column("subject_id").to_pylist())
+    tbl = pq.read_table(shard)
+    mine = pc.equal(tbl["subject_id"], sid)
+    adm = pc.max(tbl.filter(pc.and_(mine, pc.starts_with(tbl["code"], "HOSPITAL_ADMISSION//")))["time"])
+    drop = pc.fill_null(pc.and_(pc.and_(mine, pc.starts_with(tbl["code"], "MEDICATION//")),
+                                pc.greater_equal(tbl["time"], adm)), False)          # static rows: no time
+    assert pc.sum(drop).as_py() > 0
+    edited = tmp_path / "meds"
+    shutil.copytree(meds_root, edited)
+    pq.write_table(tbl.filter(pc.invert(drop)), edited / shard.relative_to(meds_root))
+    got2 = predict(edited, tmp_path / "c.jsonl", meds_split="test")
+    assert got2 == ref
+    with pytest.raises(UserError, match="meds_split"):
+        predict(meds_root, tmp_path / "d.jsonl", meds_split="tuning")
