@@ -178,6 +178,20 @@ def write_model_card(run_dir: str | Path, cfg: ConfigDict | None = None) -> Path
     return atomic_write_text(Path(run_dir) / "model_card.md", model_card(run_dir, cfg))
 
 
+def write_after_training(run_dir: str | Path) -> Path:
+    """The end-of-run hook of the student and teacher stages: the card with in-process metrics; if those
+    cannot be computed, a warning and a card without them (a finished training run never fails here)."""
+    import warnings
+
+    try:
+        return write_model_card(run_dir)
+    except UserError as e:
+        warnings.warn(f"{run_dir}: model card written without metrics ({e})", stacklevel=2)
+        from leader_jax.cli import load_config
+        return write_model_card(run_dir, load_config("model_card.py", {"run_dir": str(run_dir),
+                                                                        "evaluate": False}))
+
+
 def main(cfg: ConfigDict, args: list[str]) -> None:
     if args:
         raise UserError(f"unexpected positional arguments: {args}")

@@ -264,6 +264,9 @@ def test_training_cli_is_deterministic_and_writes_predictions(prepared_synthetic
     assert config["model"]["d"] == 32 and config["train"]["epochs"] == 3
     best = max(r["val_prauc"] for r in m1 if not r.get("final"))
     assert run["val"]["prauc"] == pytest.approx(best)
+    card = (out_a / "model_card.md").read_text()                 # written at the end of every run
+    test_eval = json.loads((out_a / "eval" / "test.json").read_text())
+    assert "Not a clinical device" in card and f"{test_eval['n']} samples" in card
     # the orbax checkpoint holds the best parameters: restoring reproduces the saved test predictions
     tr = st.StudentTrainer(st.model_config(cfg, data.vocab, TEACHER_DIM), st.loss_config(cfg), lr=cfg.train.lr,
                            seed=99, steps=res.trainer.steps)

@@ -118,8 +118,11 @@ def test_mesh_111_vs_222_same_losses_and_adapters(runs):
     t1, t2 = ckpt_trainable(root / "M1", 5), ckpt_trainable(root / "B", 5)
     assert t1.keys() == t2.keys() and len(t1) > 4
     assert any("task" in k for k in t1) and any("head" in k for k in t1)
+    # (2,2,2) sums the batch's gradient contributions in another order than (1,1,1); Adam divides by
+    # sqrt(v), so after 5 steps at lr 1e-2 a single element may differ by ~1e-5 (measured max 1.2e-5 on
+    # values ~0.04). A layout bug moves whole tensors by orders of magnitude more.
     for k in t1:
-        np.testing.assert_allclose(t1[k], t2[k], rtol=1e-5, atol=1e-5, err_msg=k)
+        np.testing.assert_allclose(t1[k], t2[k], rtol=1e-5, atol=3e-5, err_msg=k)
 
 
 def test_kill_and_resume_identical(runs):

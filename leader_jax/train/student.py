@@ -325,6 +325,9 @@ def _train(cfg: ConfigDict, out: Path, data, store, identity: dict, *, resume: b
     logger.log({"final": True, **{f"{s}_{k}": v for s in ("val", "test") if s in summary
                                   for k, v in summary[s].items()}, "best_epoch": stopping.best_epoch})
     write_marker(out, summary)
+    if distributed.is_main_process():
+        from leader_jax.model_card import write_after_training
+        write_after_training(out)
     return StudentRun(summary, trainer)
 
 

@@ -345,6 +345,9 @@ def finish(cfg, engine: Engine, prepared, tok, special, run: Path, summary: dict
     if stats is not None:
         summary.update(run_costs(engine, stats))
     common.write_json(run / "summary.json", {**summary, "finished": True})
+    if distributed.is_main_process() and cfg.eval.splits:
+        from leader_jax.model_card import write_after_training
+        write_after_training(run)
 
 
 def main(cfg: ConfigDict, argv: list[str]) -> None:
