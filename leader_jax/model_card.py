@@ -95,17 +95,12 @@ def _config_lines(cfg: dict[str, Any], model: str) -> list[str]:
 def model_card(run_dir: str | Path, cfg: ConfigDict | None = None) -> str:
     """The markdown of RUN's model card."""
     from leader_jax.cli import load_config
-    from leader_jax.eval import load_prepared, read_run_json
+    from leader_jax.eval import load_prepared, open_run
 
     cfg = load_config("model_card.py") if cfg is None else cfg
     validate_config(cfg)
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise UserError(f"run folder not found: {run}")
-    meta = read_run_json(run)
-    model = meta.get("model")
-    if model not in ("student", "teacher"):
-        raise UserError(f"{run / 'run.json'}: model {model!r}; a model card is written for student and teacher runs")
+    run, meta = open_run(run_dir, ("student", "teacher"), "a model card is written for student and teacher runs")
+    model = meta["model"]
     rcfg = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
     data = load_prepared(meta["data_dir"]) if meta.get("data_dir") else None
     L = [f"# Model card: LEADER {model} (`{run.name}`)", ""]

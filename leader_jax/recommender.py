@@ -149,7 +149,7 @@ class Recommender:
         """Load RUN (a finished student or teacher run). `config`: a predict config (default:
         configs/predict.py); `overrides`: fields to change, e.g. `ddi_filter="drop_lower"`."""
         from leader_jax.cli import load_config
-        from leader_jax.eval import load_prepared, read_run_json
+        from leader_jax.eval import load_prepared, open_run
         from leader_jax.predict import validate_config
 
         cfg = load_config("predict.py") if config is None else ConfigDict(config.to_dict())
@@ -164,14 +164,9 @@ class Recommender:
                 except TypeError as e:
                     raise UserError(f"Recommender.load: {k}={v!r}: {e}") from None
         validate_config(cfg)
-        run = Path(run_dir)
-        if not run.is_dir():
-            raise UserError(f"run folder not found: {run}")
-        meta = read_run_json(run)
-        model = meta.get("model")
-        if model not in BACKENDS:
-            raise UserError(f"{run / 'run.json'}: model {model!r}; predict works on runs of "
-                            f"{sorted(BACKENDS)} (python -m leader_jax.train.student / .teacher)")
+        run, meta = open_run(run_dir, BACKENDS, f"predict works on runs of {sorted(BACKENDS)} "
+                                                "(python -m leader_jax.train.student / .teacher)")
+        model = meta["model"]
         if not meta.get("data_dir"):
             raise UserError(f"{run / 'run.json'}: names no data_dir (the prepared data the run was trained on)")
         data = load_prepared(meta["data_dir"])

@@ -130,8 +130,8 @@ def test_temp_fallback_is_private_and_never_adopted(tmp_path, fake_cxx, monkeypa
 def test_real_library_is_verified_and_built_once(monkeypatch):
     """The happy path: the real build (the numerics tests use the same one) has a matching record
     and is reused without compiling."""
-    if shutil.which(os.environ.get("CXX", "g++")) is None:
-        pytest.skip("no C++ compiler: the kernel is optional")
+    # the kernel is optional for users, but the test machines (CI included) have g++: never skip
+    assert shutil.which(os.environ.get("CXX", "g++")), "no C++ compiler on the test machine"
     ok, why = set_block.available()
     assert ok, why
     lib = set_block.build()

@@ -23,7 +23,6 @@ Read back with `--config.dataset=meds --config.meds.preset=auto` (leader_mimic3 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import sys
 from collections import Counter

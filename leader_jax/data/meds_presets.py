@@ -16,7 +16,7 @@ import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 CHANNELS = ("diagnoses", "procedures", "medications")
 UNK = "UNK"

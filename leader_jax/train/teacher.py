@@ -18,7 +18,6 @@ then runs the frozen layers below K once per sample and trains on their cached o
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
