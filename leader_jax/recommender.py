@@ -97,18 +97,26 @@ def _teacher_backend(run: Path, meta: dict, data, cfg: ConfigDict) -> Callable[[
     from leader_jax.train.extract_features import load_teacher_run
     from leader_jax.train import teacher as tt
 
+    from leader_jax.checkpoints import gguf
+
     rcfg = _read_config(run)
     tok_path = tt.tokenizer_path(rcfg)
-    if not tok_path or not Path(tok_path).exists():
+    if gguf.is_gguf_spec(tok_path):      # tokenizer rebuilt from the GGUF file (RUN/tokenizer) or the file itself
+        if not (run / common.RUN_TOKENIZER).is_dir():
+            gguf.resolve_model_path(tok_path)          # a UserError naming what is missing
+    elif not tok_path or not Path(tok_path).exists():
         raise UserError(f"{run}: the teacher needs its tokenizer, but {tok_path or '(none set)'} is missing "
                         "(config.json tokenizer / model.path); restore it at that path to predict")
-    if rcfg.model.source == "hf" and not (Path(rcfg.model.path) / "config.json").is_file():
-        raise UserError(f"{run}: the teacher needs its base model, but {rcfg.model.path or '(none set)'} holds "
-                        "no HF LLaMA (config.json model.path); restore it at that path to predict")
+    if rcfg.model.source == "hf":
+        if gguf.is_gguf_spec(rcfg.model.path):
+            gguf.resolve_model_path(rcfg.model.path)   # a UserError naming the missing file or wheel
+        elif not (Path(rcfg.model.path) / "config.json").is_file():
+            raise UserError(f"{run}: the teacher needs its base model, but {rcfg.model.path or '(none set)'} "
+                            "holds no HF LLaMA (config.json model.path); restore it at that path to predict")
     tcfg, ckpt, info = load_teacher_run(run, cfg.teacher_checkpoint, tuple(cfg.mesh))
     mesh = common.make_mesh(tcfg)
     common.check_batch_sizes(mesh, {"batch_size": cfg.batch_size})
-    tok = common.load_tokenizer(tok_path)
+    tok = common.load_run_tokenizer(tok_path, run)
     special = tdata.SpecialIds.from_tokenizer(tok)
     engine = Engine(tt.build_teacher(tcfg, data.vocab.n_med, mesh), tt.trainable_filter(tcfg), optax.identity(),
                     mesh, tt.teacher_loss, frozen_dtype=tcfg.model.frozen_dtype, predict_fn=tt.teacher_predict)

@@ -110,3 +110,14 @@ def test_two_step_peft_on_a_gguf_base(tiny, prepared_synthetic, tmp_path):
     store = FeatureStore(tmp_path / "teacher" / "features")
     assert store.hidden_dim == CFG.hidden_size
     assert json.loads((tmp_path / "teacher" / "features" / "summary.json").read_text())["padding"]
+
+    # the Recommender takes the same GGUF teacher run: its tokenizer from RUN/tokenizer, its base from the file
+    from leader_jax import Recommender
+    from leader_jax.data.dataset import PreparedData
+    from leader_jax.io import load_npz
+    from leader_jax.patient_input import sample_to_patient
+    rec = Recommender.load(tmp_path / "teacher", threshold=0.5, batch_size=8)
+    val = PreparedData.load(prepared_synthetic).splits["val"]
+    got = rec.predict_proba(rec.parse([sample_to_patient(s) for s in val]))
+    np.testing.assert_allclose(got, load_npz(tmp_path / "teacher" / "predictions" / "val.npz")["y_prob"],
+                               rtol=0, atol=1e-6)
