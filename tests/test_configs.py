@@ -25,6 +25,7 @@ STAGE_OF = {
     "demo.py": "leader_jax.demo",
     "predict.py": "leader_jax.predict",
     "model_card.py": "leader_jax.model_card",
+    "retrieval.py": "leader_jax.retrieval",
 }
 
 
