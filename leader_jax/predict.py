@@ -9,7 +9,9 @@ JSON object per non-blank input line, in input order (`leader_jax.recommender.Re
 A malformed line gives an output record `{"line": N, "status": "error", "error": ...}` and a message on
 stderr; every other line is still predicted and written, and the command then ends with exit status 2
 naming the failed lines. The input is streamed in chunks of `chunk_size` lines, parsed and encoded
-column-wise for student runs (`leader_jax.patient_columns`), and the output file is written atomically.
+column-wise for student runs (`leader_jax.patient_columns`) and rendered by `leader_jax.predict_render`;
+the model of the next chunk and the write of the previous one run in threads meanwhile. The output file
+is written atomically.
 A MEDS folder as input (`leader_jax.meds_input`): each subject's last visit is predicted, and the
 records are those of the Python API (no line number).
 """
@@ -62,11 +64,15 @@ def validate_config(cfg: ConfigDict) -> None:
          "expected a (data, fsdp, tensor) tuple of positive sizes (or -1 = the remaining devices)")
 
 
-def run_predict(cfg: ConfigDict, recommender=None) -> dict:
+def run_predict(cfg: ConfigDict, recommender=None, overlap: bool = True) -> dict:
     """Predict every line of `cfg.input` into `cfg.out` (or stdout); returns counts. Raises UserError
-    after writing everything when some lines failed."""
+    after writing everything when some lines failed. overlap=True: chunk i + 1 is read and parsed, and
+    chunk i rendered, while a thread runs the model on chunk i + 1 and another writes chunk i − 1 (the
+    model and the writes release the GIL); False: one stage at a time (same bytes; benchmarks)."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     from leader_jax.meds_input import is_meds_folder, read_patients
-    from leader_jax.patient_columns import ERROR, NO_PREDICTION, OK
+    from leader_jax.patient_columns import ERROR, NO_PREDICTION, OK, records_from_parsed
     from leader_jax.recommender import Recommender
 
     validate_config(cfg)
@@ -92,8 +98,18 @@ def run_predict(cfg: ConfigDict, recommender=None) -> dict:
         sys.stdout.flush()
     out = open(_tmp_path(cfg.out), "wb") if cfg.out else sys.stdout.buffer
 
-    def emit(text: bytes, records) -> None:
-        out.write(text)
+    def chunks():
+        """The records of each input chunk, in order."""
+        if meds:                       # MEDS subjects: records without a line number
+            for chunk in src:
+                yield records_from_parsed(rec.parse(chunk), lines=False)
+            return
+        first = 1
+        while lines := list(itertools.islice(src, cfg.chunk_size)):
+            yield rec.parse_chunk(lines, first_line=first)
+            first += len(lines)
+
+    def count(records) -> None:
         kind = records.kind
         for i in np.flatnonzero(kind == ERROR).tolist():
             failed.append(int(records.line[i]))
@@ -103,20 +119,30 @@ def run_predict(cfg: ConfigDict, recommender=None) -> dict:
         counts["no_prediction"] += int((kind == NO_PREDICTION).sum())
         counts["lines"] += len(records)
 
+    def done(value) -> Future:
+        f = Future()
+        f.set_result(value)
+        return f
+
     try:
-        first = 1
-        while True:
-            if meds:                   # MEDS subjects: records without a line number
-                chunk = next(src, None)
-                if chunk is None:
-                    break
-                emit(*rec.predict_text(chunk))
-                continue
-            lines = list(itertools.islice(src, cfg.chunk_size))
-            if not lines:
-                break
-            emit(*rec.predict_chunk(lines, first_line=first))
-            first += len(lines)
+        with ThreadPoolExecutor(1, thread_name_prefix="predict-model") as model, \
+                ThreadPoolExecutor(1, thread_name_prefix="predict-write") as writer:
+            pending, written = None, done(None)
+
+            def finish(records, probs: Future) -> Future:
+                text = rec.renderer.render_view(records, probs.result())
+                written.result()                      # at most one chunk waits to be written
+                count(records)
+                return writer.submit(out.write, text) if overlap else done(out.write(text))
+
+            for records in chunks():
+                probs = model.submit(rec._records_proba, records) if overlap else done(rec._records_proba(records))
+                if pending is not None:
+                    written = finish(*pending)
+                pending = (records, probs)
+            if pending is not None:
+                written = finish(*pending)
+            written.result()
         if cfg.out:
             out.close()
             os.replace(_tmp_path(cfg.out), cfg.out)        # atomic: the output appears complete or not at all

@@ -215,15 +215,17 @@ def test_teacher_run_predicts_its_own_test_rows(prepared_synthetic, data, tmp_pa
 
 
 def test_probability_text_is_python_repr_of_the_rounded_value():
-    from leader_jax.predict_render import _prob_index, _prob_tables
+    from leader_jax.predict_render import _prob_index, _prob_rows, _prob_tables
     rng = np.random.default_rng(0)
     p = np.concatenate([rng.random(100_000, dtype=np.float32), rng.random(20_000, dtype=np.float32) * 2e-4,
                         np.float32([0, 1, 1e-7, 4e-8, 6e-8, 9.99e-5, 1e-4, 0.5, 0.1, 0.99999995])])
     rounded = np.round(p.astype(np.float64), 7)
-    a, b = _prob_index(np.rint(rounded * 1e7).astype(np.int64))
     head, tail = _prob_tables()
-    got = [(x + y).decode() for x, y in zip(head[a], tail[b])]
-    assert got == [repr(v) + "}" for v in rounded.tolist()]
+    want = [repr(v) + "}" for v in rounded.tolist()]
+    a, b = _prob_index(np.rint(rounded * 1e7).astype(np.int64))
+    assert [(x + y).decode() for x, y in zip(head[a], tail[b])] == want
+    a, b = _prob_rows(np.rint(p.astype(np.float64) * 1e7))        # the fast renderer's form: same rows
+    assert [(x + y).decode() for x, y in zip(head[a], tail[b])] == want
 
 
 def _edited_lines(data, n=240):
@@ -351,3 +353,137 @@ def test_meds_folder_input_equals_the_jsonl_of_its_patients(rec, data, student_r
     assert got2 == ref
     with pytest.raises(UserError, match="meds_split"):
         predict(meds_root, tmp_path / "d.jsonl", meds_split="tuning")
+
+
+# ------------------------------------------------------------------- the renderer against json.dumps
+_NAMES = ['plain', 'a "quoted" name', 'back\\slash\\', 'ünïcode – 药 \U0001f48a', 'tab\tand\nnewline\x01', None,
+          'p', 'q', 'r', 's', 't', 'u']
+
+
+def _odd_vocab():
+    """A label vocabulary with odd codes and names (quotes, backslashes, non-ASCII, control characters,
+    a drug without a display name) and a DDI graph over it."""
+    from types import SimpleNamespace
+    codes = ["atc:A01", 'atc:Q"1', "atc:B\\2", "atc:é3"] + [f"atc:Z{i}" for i in range(4, len(_NAMES))]
+    names = {c: nm for c, nm in zip(codes, _NAMES) if nm is not None}
+    m = len(codes)
+    ddi = np.zeros((m, m), np.int64)
+    for a, b in [(0, 1), (2, 1), (3, 4), (0, 6), (7, 8), (9, 3), (1, 11)]:
+        ddi[a, b] = 1                                     # one direction only: A or Aᵀ counts
+    return SimpleNamespace(n_med=m, med=codes, names=names), ddi
+
+
+def _odd_records(rng, n=60):
+    from leader_jax.patient_columns import ERROR, NO_PREDICTION, OK, Records
+    kind = np.array([OK if i % 5 else (NO_PREDICTION if i % 10 else ERROR) for i in range(n)], np.int8)
+    ids = ["" if k == ERROR else ['p', 'ü\n"q', 'back\\', '药'][i % 4] + str(i) for i, k in enumerate(kind)]
+    text = ["" if k == OK else ("line 3: not valid JSON ('é\"\\')" if k == ERROR else "no known code")
+            for k in kind]
+    unknown = ["" if k == ERROR else json.dumps([{"visit": 0, "field": "diagnoses", "code": 'é"\\',
+                                                  "reason": "not in the run's vocabulary"}] * (i % 3),
+                                                ensure_ascii=False) for i, k in enumerate(kind)]
+    dropped = ["" if k == ERROR else json.dumps([0, 2][: i % 3]) for i, k in enumerate(kind)]
+    line = np.arange(n, dtype=np.int64) + 3
+    line[::7] = -1                                       # the Python API's records: no line number
+    n_ok = int((kind == OK).sum())
+    p = rng.random((n_ok, len(_NAMES))).astype(np.float32)
+    p[0] = [0.16, 0.16, 0.5, 0.5, 1.0, 0.0, 3e-5, 0.25, 0.1234, 0.99999995, 0.16000001, 0.7]   # ties, edges
+    p[1] = 0.0                                          # nothing recommended
+    p[2:6, :4] = np.float32([0.9, 0.8, 0.7, 0.6])       # interacting drugs above θ
+    return Records(line, kind, ids, text, unknown, dropped), p
+
+
+def _expected_lines(records, probs, vocab, ddi, theta, mode, strength, top_k, graph):
+    """The documented output records, built as dicts and written with json.dumps."""
+    from leader_jax.patient_columns import ERROR, OK
+    m = vocab.n_med
+    names = [vocab.names.get(c, c.partition(":")[2]) for c in vocab.med]
+    k = m if top_k == 0 else min(top_k, m)
+    sets, scores = ddi_safety.filter_sets(probs, theta, ddi, mode, strength)
+    sym = None if ddi is None else ddi_safety.symmetric(ddi)
+
+    def drug(j, p):
+        return {"code": vocab.med[j], "name": names[j], "probability": float(np.round(np.float64(p), 7))}
+
+    out, r = [], 0
+    for i in range(len(records)):
+        d = {} if records.line[i] < 0 else {"line": int(records.line[i])}
+        if records.kind[i] == ERROR:
+            d.update(status="error", error=records.text[i])
+        elif records.kind[i] != OK:
+            d.update(id=records.ids[i], status="no_prediction", reason=records.text[i],
+                     unknown_codes=json.loads(records.unknown[i]), dropped_visits=json.loads(records.dropped[i]))
+        else:
+            p = probs[r]
+            order = sorted(range(m), key=lambda j: (-p[j], j))
+            cand = [j for j in order if p[j] >= np.float32(theta)]
+            kept = sorted(np.flatnonzero(sets[r]).tolist())
+            d.update(id=records.ids[i], status="ok", threshold=round(theta, 7),
+                     recommended=[drug(j, p[j]) for j in cand if sets[r, j]],
+                     ranked=[drug(j, p[j]) for j in order[:k]])
+            d["ddi"] = None if ddi is None else {"graph": graph, "pairs": [
+                {"drugs": [vocab.med[a], vocab.med[b]], "names": [names[a], names[b]]}
+                for a in kept for b in kept if a < b and sym[a, b]]}
+            if mode != "off" and ddi is not None:
+                d["ddi_filter"] = {"mode": mode, **({"strength": strength} if mode == "penalty" else {}),
+                                   "removed": [{**drug(j, p[j]), "score": round(float(scores[r, j]), 7)}
+                                               for j in cand if not sets[r, j]]}
+            d.update(unknown_codes=json.loads(records.unknown[i]), dropped_visits=json.loads(records.dropped[i]))
+            r += 1
+        out.append(json.dumps(d, ensure_ascii=False))
+    return out
+
+
+@pytest.mark.parametrize("mode,strength,top_k,graph", [("off", 0.25, 3, True), ("drop_lower", 0.25, 0, True),
+                                                        ("penalty", 0.3, 5, True), ("off", 0.25, 4, False)])
+def test_renderer_lines_are_json_dumps_of_the_documented_records(mode, strength, top_k, graph):
+    """Every record kind (ok, no prediction, error; with and without a line number), unknown codes,
+    dropped visits, DDI pairs and filters, ties, probabilities 0, 1 and below 1e-4, and odd characters
+    in codes, names, ids and messages: the fast renderer writes json.dumps of the documented structure,
+    and the same bytes as the previous renderer."""
+    from leader_jax.predict_render import ReferenceRenderer, Renderer
+    vocab, ddi = _odd_vocab()
+    ddi = ddi if graph else None
+    records, probs = _odd_records(np.random.default_rng(top_k))
+    cfg = load_config("predict.py", {"ddi_filter": mode, "ddi_penalty": strength, "top_k": top_k})
+    args = (vocab, 0.16, ddi, "a graph", cfg)
+    text = Renderer(*args).render(records, probs)
+    assert text.endswith(b"\n")
+    got = text.decode("utf-8").split("\n")[:-1]
+    want = _expected_lines(records, probs, vocab, ddi, 0.16, mode, strength, top_k, "a graph")
+    assert len(got) == len(want) == len(records)
+    for g, w in zip(got, want):
+        assert g == w
+    assert sum('"pairs": [{' in g for g in got) >= (4 if graph and mode != "drop_lower" else 0)
+    assert any('"recommended": []' in g for g in got)
+    assert top_k or any('"probability": 3e-05}' in g for g in got)
+    assert ReferenceRenderer(*args).render(records, probs) == text
+    errors = np.flatnonzero(records.kind == 2).tolist()
+    assert Renderer(*args).render(_take(records, []), probs[:0]) == b""
+    assert Renderer(*args).render(_take(records, errors), probs[:0]) == "".join(
+        want[i] + "\n" for i in errors).encode("utf-8")
+
+
+def _take(records, rows):
+    from leader_jax.patient_columns import Records
+    return Records(records.line[rows], records.kind[rows], *([getattr(records, f)[i] for i in rows]
+                                                             for f in ("ids", "text", "unknown", "dropped")))
+
+
+def test_pipelined_cli_writes_the_bytes_of_one_stage_at_a_time(rec, data, student_run, tmp_path):
+    """run_predict overlaps the model and the writes with parsing and rendering across chunks: with
+    small chunks (errors and blank lines inside them) it writes the same file as one stage at a time in
+    one chunk, and reports the same failed lines."""
+    from leader_jax.predict import run_predict
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(x if x.endswith("\n") else x + "\n" for x in _edited_lines(data, 120)))
+    got = {}
+    for name, chunk, overlap in (("one", 10_000, False), ("seq", 7, False), ("pipe", 7, True), ("pipe2", 64, True)):
+        out = tmp_path / f"{name}.jsonl"
+        cfg = load_config("predict.py", {"run_dir": str(student_run), "input": str(inp), "out": str(out),
+                                         "chunk_size": chunk, "ddi_filter": "drop_lower"})
+        with pytest.raises(UserError, match=r"18 of 116 input line\(s\) failed \(line 8, 9, 11, 25, ") as e:
+            run_predict(cfg, recommender=rec, overlap=overlap)
+        got[name] = (out.read_bytes(), str(e.value).rsplit(" into ", 1)[0])
+    assert got["one"][0].count(b"\n") > 100
+    assert got["seq"] == got["pipe"] == got["pipe2"] == got["one"]
