@@ -35,7 +35,6 @@ def get_config() -> ConfigDict:
     c.features = load_config("extract_features.py")
     c.features.batch_size = 8     # SmolLM2 prompts reach 2,048 tokens: XLA:CPU attention holds B x 9 x T x T scores
     c.student = load_config("student.py")
-    c.student.train.lr = 2e-3     # the paper's 5e-4 stays at the label prior for epochs on the small demos
     c.baseline = load_config("baselines.py")
     c.eval = load_config("eval.py")
     return c

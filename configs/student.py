@@ -28,6 +28,7 @@ def get_config(preset: str | None = None) -> ConfigDict:
     c.model.max_visits = 10          # keep the LAST N visits (the target visit always included)
     c.model.visit_position = "none"  # "none" (original) | "recency" (learned embedding of visits-ago)
     c.model.use_profile = True
+    c.model.shared_embedding = False  # True: one table for dx/px/drug codes (per-type row offsets, no collisions)
     c.model.dropout = 0.4
     c.model.attn_dropout = 0.1
     c.model.bucket_levels = 4        # fixed shape buckets (visits, codes per set): one compile per bucket

@@ -222,6 +222,40 @@ def test_total_loss_composition(probe, enc, tight, teacher):
     assert m2.kd_proj is None
 
 
+def test_shared_embedding_is_one_table_with_disjoint_rows_per_code_type(data, enc):
+    """`model.shared_embedding=True`: one [1 + n_diag + n_proc + n_med, d] table; each code type reads
+    its own block of rows (no collisions), padding reads the zero row; kernel and XLA inference agree."""
+    v = data.vocab
+    shared = st.model_config(_cfg(model=dict(shared_embedding=True)), v, None)
+    separate = st.model_config(_cfg(), v, None)
+    with sharding.use_mesh(None):
+        m, m_sep = build_student(shared, 4), build_student(separate, 4)
+    nd, npr, nm, d = len(v.diag), len(v.proc), len(v.med), shared.d
+    assert m.diag_emb is None and m.proc_emb is None and m.med_emb is None
+    assert m.code_emb.table[...].shape == (1 + nd + npr + nm, d) and m_sep.code_emb is None
+    assert [m_sep.diag_emb.table[...].shape[0], m_sep.proc_emb.table[...].shape[0],
+            m_sep.med_emb.table[...].shape[0]] == [nd + 1, npr + 1, nm + 1]
+    count = lambda model: sum(int(np.prod(a.shape)) for a in jax.tree.leaves(nnx.state(model, nnx.Param)))  # noqa: E731
+    assert count(m_sep) - count(m) == 2 * d                    # the same model less two padding rows
+    # tag every row with its index: each type's ids 1..n map to a block of rows, the blocks are disjoint
+    n_rows = 1 + nd + npr + nm
+    m.code_emb.table[...] = jnp.broadcast_to(jnp.arange(n_rows, dtype=jnp.float32)[:, None], (n_rows, d))
+    rows = {}
+    for name, n in (("diag", nd), ("proc", npr), ("med", nm)):
+        got = np.asarray(m.embed(name, jnp.arange(n + 1)))[:, 0].astype(int)
+        assert got[0] == 0                                     # padding: the shared zero row
+        rows[name] = got[1:]
+        np.testing.assert_array_equal(np.asarray(m.stream_table(name))[:, 0].astype(int), got)
+    assert rows["diag"].tolist() == list(range(1, nd + 1))
+    assert rows["proc"].tolist() == list(range(nd + 1, nd + npr + 1))
+    assert rows["med"].tolist() == list(range(nd + npr + 1, n_rows))
+    # the kernel reads `stream_table` rows, the XLA paths `embed`: both compute the same function
+    tr = st.StudentTrainer(shared, st.loss_config(_cfg(distill=False)), lr=1e-3, seed=5)
+    caps = si.bucket_caps(enc.needs, 1)
+    assert tr.kernel
+    np.testing.assert_allclose(tr.predict(enc, caps, 32), tr.predict(enc, caps, 32, kernel=False), atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------- training
 def _strip(records):
     """metrics.jsonl records without the wall-clock field."""

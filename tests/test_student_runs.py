@@ -48,6 +48,24 @@ def test_bad_config_values_are_named(field, value, match):
         ts.validate_config(cfg)
 
 
+def test_launch_clock_reads_proc_and_falls_back_to_the_import_time(tmp_path):
+    """seconds_since_launch: Linux /proc (process start tick vs uptime), else the module's import."""
+    import os
+    import time
+    proc = tmp_path / "proc"
+    (proc / "self").mkdir(parents=True)
+    tick = os.sysconf("SC_CLK_TCK")
+    rest = " ".join(["0"] * 17)                        # fields 5..21, then starttime (22) and more
+    (proc / "self" / "stat").write_text(f"4242 (python -m x) S 1 {rest} {50 * tick} 7 8\n")
+    (proc / "uptime").write_text("62.25 100.00\n")
+    assert ts.seconds_since_launch(proc) == (pytest.approx(12.25), "proc")
+    age, clock = ts.seconds_since_launch(tmp_path / "missing")
+    assert clock == "import" and age == pytest.approx(time.time() - ts._IMPORTED, abs=1.0)
+    if os.path.exists("/proc/self/stat"):                # this process started before this module was imported
+        age, clock = ts.seconds_since_launch()
+        assert clock == "proc" and age >= time.time() - ts._IMPORTED - 0.05
+
+
 def _cfg(prepared, out, **kw):
     cfg = load_config("student.py")
     cfg.data_dir, cfg.out, cfg.distill = str(prepared), str(out), False

@@ -2,8 +2,10 @@
 
 Architecture (the paper's, with the fixes listed in docs/decisions.md):
 
-- separate embedding tables for diagnoses, procedures and drugs (id 0 = padding in each, so
-  no two code kinds share an embedding row);
+- separate embedding tables for diagnoses, procedures and drugs (id 0 = padding in each), or with
+  `shared_embedding=True` one table whose rows are offset per code type (padding | diagnoses |
+  procedures | drugs): either way no two codes share an embedding row (the original's merged table let
+  codes of different types collide);
 - three code-set encoders (one pre-LN transformer block each, masked mean over the codes of a set);
 - one visit encoder shared by the three streams (one block, masked mean over visits), with an
   optional learned recency embedding (`visit_position="recency"`; "none" reproduces the original);
@@ -53,6 +55,7 @@ class StudentConfig:
     head_hidden: int = 128
     max_visits: int = 10
     visit_position: str = "none"
+    shared_embedding: bool = False     # one table, per-type row offsets (see Student.stream_offsets)
     dropout: float = 0.4
     attn_dropout: float = 0.1
     ln_eps: float = 1e-12
@@ -209,9 +212,14 @@ class Student(nnx.Module):
     def __init__(self, cfg: StudentConfig, *, rng: np.random.Generator):
         self.cfg = cfg
         d = cfg.d
-        self.diag_emb = Embedding(cfg.n_diag + 1, d, rng=rng)
-        self.proc_emb = Embedding(cfg.n_proc + 1, d, rng=rng)
-        self.med_emb = Embedding(cfg.n_med + 1, d, rng=rng)
+        if cfg.shared_embedding:      # rows: 0 = padding | diagnoses | procedures | drugs
+            self.code_emb = Embedding(1 + cfg.n_diag + cfg.n_proc + cfg.n_med, d, rng=rng)
+            self.diag_emb = self.proc_emb = self.med_emb = None
+        else:
+            self.code_emb = None
+            self.diag_emb = Embedding(cfg.n_diag + 1, d, rng=rng)
+            self.proc_emb = Embedding(cfg.n_proc + 1, d, rng=rng)
+            self.med_emb = Embedding(cfg.n_med + 1, d, rng=rng)
         self.diag_enc = TransformerBlock(cfg, rng=rng)
         self.proc_enc = TransformerBlock(cfg, rng=rng)
         self.med_enc = TransformerBlock(cfg, rng=rng)
@@ -234,11 +242,32 @@ class Student(nnx.Module):
         self.align_y = Dense(d, d, ("embed", "mlp"), rng=rng)
 
     # -- pieces
-    def encode_sets(self, emb: Embedding, enc: TransformerBlock, ids, drop: Dropout):
-        """[B, V, C] ids → [B, V, d] (one block over each set, masked mean over its codes)."""
+    def stream_offsets(self) -> dict[str, int]:
+        """Row offset of each code type in the shared table (a type's id i ≥ 1 is row offset + i)."""
+        c = self.cfg
+        return {"diag": 0, "proc": c.n_diag, "med": c.n_diag + c.n_proc}
+
+    def embed(self, name: str, ids):
+        """Embeddings of `name` ("diag" | "proc" | "med") code ids (0 = padding → the zero row)."""
+        if self.code_emb is None:
+            return getattr(self, f"{name}_emb")(ids)
+        off = self.stream_offsets()[name]
+        return self.code_emb(jnp.where(ids > 0, ids + off, 0) if off else ids)
+
+    def stream_table(self, name: str):
+        """[n_type + 1, d]: the rows `embed(name, ·)` reads (row 0 = padding), a view of the shared table."""
+        if self.code_emb is None:
+            return getattr(self, f"{name}_emb").table[...]
+        table, off = self.code_emb.table[...], self.stream_offsets()[name]
+        n = {"diag": self.cfg.n_diag, "proc": self.cfg.n_proc, "med": self.cfg.n_med}[name]
+        return table[:1 + n] if off == 0 else jnp.concatenate([table[:1], table[off + 1:off + 1 + n]], axis=0)
+
+    def encode_sets(self, name: str, enc: TransformerBlock, ids, drop: Dropout):
+        """[B, V, C] ids of code type `name` → [B, V, d] (one block over each set, masked mean over its
+        codes)."""
         b, v, c = ids.shape
         mask = (ids > 0).reshape(b * v, c)
-        x = enc(emb(ids).reshape(b * v, c, -1), mask, drop)
+        x = enc(self.embed(name, ids).reshape(b * v, c, -1), mask, drop)
         return masked_mean(x, mask, axis=1).reshape(b, v, -1)
 
     def profile_vector(self, profile):
@@ -256,9 +285,9 @@ class Student(nnx.Module):
         slots = jnp.arange(v)
         vmask = slots[None, :] < nv[:, None]
         prof = self.profile_vector(batch["profile"])
-        dx = self.encode_sets(self.diag_emb, self.diag_enc, batch["diag"], drop)
-        px = self.encode_sets(self.proc_emb, self.proc_enc, batch["proc"], drop)
-        md = self.encode_sets(self.med_emb, self.med_enc, batch["med"], drop)
+        dx = self.encode_sets("diag", self.diag_enc, batch["diag"], drop)
+        px = self.encode_sets("proc", self.proc_enc, batch["proc"], drop)
+        md = self.encode_sets("med", self.med_enc, batch["med"], drop)
         md = jnp.where((slots == 0)[None, :, None], prof[:, None, :], md)
         streams = jnp.concatenate([dx, px, md], axis=0)                 # [3B, V, d]
         mask3 = jnp.concatenate([vmask] * 3, axis=0)
@@ -276,15 +305,15 @@ class Student(nnx.Module):
         return h, self.head2(jax.nn.relu(h))
 
     def _streams(self):
-        return (("diag", self.diag_emb, self.diag_enc), ("proc", self.proc_emb, self.proc_enc),
-                ("med", self.med_emb, self.med_enc))
+        return (("diag", self.diag_enc), ("proc", self.proc_enc), ("med", self.med_enc))
 
     def inference_tables(self) -> dict:
         """Per code stream, [vocab + 1, 4d] = embedding | LN1(embedding) @ [Wq|Wk|Wv]: before attention
         a code-set block's work depends on the token id alone, so the kernel path gathers these rows
         (computed once per `predict` call, not per batch)."""
-        return {name: jnp.concatenate([emb.table[...], enc.ln1(emb.table[...]) @ enc.qkv_kernel()], axis=-1)
-                for name, emb, enc in self._streams()}
+        tables = {name: self.stream_table(name) for name, _ in self._streams()}
+        return {name: jnp.concatenate([tables[name], enc.ln1(tables[name]) @ enc.qkv_kernel()], axis=-1)
+                for name, enc in self._streams()}
 
     def _visit_streams(self, pb: dict, vecs: list, prof):
         """The three visit-slot streams stacked on axis 0 (vecs: each stream's set vector per visit slot,
@@ -319,9 +348,9 @@ class Student(nnx.Module):
             return tot / jnp.maximum(cnt, 1.0)                          # [n + 1, d]; row n = 0
 
         vecs = []
-        for name, emb, enc in self._streams():
+        for name, enc in self._streams():
             seg = pb[f"{name}_seg"]
-            y = enc(emb(pb[f"{name}_tok"]), segment_mask(seg), drop)
+            y = enc(self.embed(name, pb[f"{name}_tok"]), segment_mask(seg), drop)
             vecs.append(jnp.take(seg_mean(y, seg, pb[f"{name}_set"], n_sets), pb[f"v_{name}"], axis=0))
         streams = self._visit_streams(pb, vecs, prof)                    # [3Rv, V, d]
         vseg = jnp.concatenate([pb["v_seg"]] * 3, axis=0)
@@ -341,7 +370,7 @@ class Student(nnx.Module):
         b, d = prof.shape
         n = pb["v_pat"].shape[0]                                        # visit slots
         vecs = []
-        for name, _, enc in self._streams():
+        for name, enc in self._streams():
             vecs.append(set_block_means(enc, tables[name], pb[f"{name}_tok"], pb[f"{name}_start"],
                                         pb[f"{name}_len"]))            # [n, d]
         x = self._visit_streams(pb, vecs, prof)                          # [3n, d]
@@ -355,7 +384,7 @@ class Student(nnx.Module):
     def align_pair(self, target, profile_vec, key=None):
         """Projected target-drug-set embedding x [B, d] and profile embedding y [B, d] (the target
         set is encoded with the drug stream's own table and encoder)."""
-        e = self.encode_sets(self.med_emb, self.med_enc, target[:, None, :], Dropout(key))[:, 0]
+        e = self.encode_sets("med", self.med_enc, target[:, None, :], Dropout(key))[:, 0]
         return self.align_x(e), self.align_y(profile_vec)
 
 

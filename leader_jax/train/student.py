@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -35,6 +36,24 @@ from leader_jax.train.student_inputs import (SPLITS, EncodedSplit, assign_bucket
                                              chunk_plan, encode_samples, make_chunk)
 from leader_jax.train.student_trainer import (KERNEL_MODES, MODEL_KIND, CompiledSteps, StudentTrainer, loss_config,
                                               model_config, restore_state, save_state, split_metrics)
+
+_IMPORTED = time.time()     # launch-clock fallback where /proc is missing
+
+
+def seconds_since_launch(proc: Path = Path("/proc")) -> tuple[float, str]:
+    """(seconds since this process started, the clock used). "proc": Linux, the process's start time
+    (/proc/self/stat field 22, clock ticks since boot) against /proc/uptime (seconds since boot, 10 ms
+    resolution; /proc/stat's btime has whole seconds only). "import" where /proc cannot be read: from
+    the import of this module, so the interpreter's start-up and the imports before it are not counted."""
+    try:
+        stat = (proc / "self" / "stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()      # the command name may hold spaces
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        up = float((proc / "uptime").read_text().split()[0])
+        return max(up - started, 0.0), "proc"
+    except (OSError, ValueError, IndexError):
+        return time.time() - _IMPORTED, "import"
+
 
 # Files and folders that other stages write: a --out folder holding one is never written into.
 OTHER_RUN_FILES = {"vocab.json": "prepared data", "samples.jsonl": "prepared data",
@@ -63,6 +82,8 @@ def validate_config(cfg: ConfigDict) -> None:
     need(m.d % m.heads == 0, "model.d", m.d, f"must be a multiple of model.heads={m.heads}")
     need(m.visit_position in VISIT_POSITIONS, "model.visit_position", m.visit_position,
          f"expected one of {VISIT_POSITIONS}")
+    need(isinstance(m.shared_embedding, bool), "model.shared_embedding", m.shared_embedding, "expected True or False")
+    need(isinstance(m.use_profile, bool), "model.use_profile", m.use_profile, "expected True or False")
     need(m.inference_kernel in KERNEL_MODES, "model.inference_kernel", m.inference_kernel,
          f"expected one of {KERNEL_MODES}")
     for name in ("dropout", "attn_dropout"):
@@ -276,6 +297,7 @@ def _train(cfg: ConfigDict, out: Path, data, store, identity: dict, *, resume: b
             if first_step_s is None:
                 jax.block_until_ready(sums[-1])
                 first_step_s = time.perf_counter() - t_start
+                launch_s, launch_clock = seconds_since_launch()
         host = jax.device_get(sums)                            # the epoch's only read-back of train metrics
         total = {k: float(np.sum([h[k] for h in host], dtype=np.float64)) for k in host[0]}
         train_parts = {f"train_{k}": v / total["n"] for k, v in total.items() if k != "n"}
@@ -321,6 +343,9 @@ def _train(cfg: ConfigDict, out: Path, data, store, identity: dict, *, resume: b
     summary["compile_counts"] = trainer.compile_counts()
     summary["compile"] = {**CompileStats.since(compiled_before), "persistent_cache": str(active_dir() or "")}
     summary["seconds_to_first_step"] = None if first_step_s is None else round(first_step_s, 2)
+    if first_step_s is not None:     # from process launch (interpreter start, imports, data loading included)
+        summary["seconds_from_launch_to_first_step"] = round(launch_s, 2)
+        summary["launch_clock"] = launch_clock
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     logger.log({"final": True, **{f"{s}_{k}": v for s in ("val", "test") if s in summary
                                   for k, v in summary[s].items()}, "best_epoch": stopping.best_epoch})
