@@ -106,6 +106,16 @@ def _layout(n: int, columns: list[tuple[np.ndarray, np.ndarray]]) -> bytes:
     return b"".join(out.tolist())
 
 
+def drug_labels(vocab) -> tuple[list[str], list[str], list[str]]:
+    """(codes, display names, JSON prefixes) per drug label; a prefix is the start of the drug's JSON
+    object up to the probability value, code and name escaped once per run."""
+    code = list(vocab.med)
+    name = [vocab.names.get(c, c.partition(":")[2] or c) for c in code]
+    prefix = ['{"code": ' + json.dumps(c, ensure_ascii=False) + ', "name": ' + json.dumps(n, ensure_ascii=False)
+              + ', "probability": ' for c, n in zip(code, name)]
+    return code, name, prefix
+
+
 class ReferenceRenderer:
     """The previous renderer (numpy object arrays of pieces, one `bytes.join` per chunk), kept only as the
     reference the fast `Renderer` is tested and benchmarked against: same constructor, same bytes."""
@@ -115,11 +125,7 @@ class ReferenceRenderer:
         self.threshold, self.ddi, self.cfg = float(threshold), ddi, cfg
         self.k = m if cfg.top_k == 0 else min(int(cfg.top_k), m)
         self.filt = cfg.ddi_filter != "off" and ddi is not None
-        names = vocab.names
-        code = list(vocab.med)
-        name = [names.get(t, t.partition(":")[2] or t) for t in code]
-        drug = ['{"code": ' + json.dumps(c, ensure_ascii=False) + ', "name": ' + json.dumps(n, ensure_ascii=False)
-                + ', "probability": ' for c, n in zip(code, name)]
+        code, name, drug = drug_labels(vocab)
         self.drug = drug
         self.drug_sep = _bytes_array(drug + [", " + d for d in drug])                  # j + m·(not first)
         self.prob_head, self.prob_tail = _prob_tables()
@@ -247,11 +253,7 @@ class Renderer:
         self.threshold, self.ddi, self.cfg = float(threshold), ddi, cfg
         self.k = m if cfg.top_k == 0 else min(int(cfg.top_k), m)
         self.filt = cfg.ddi_filter != "off" and ddi is not None
-        names = vocab.names
-        code = list(vocab.med)
-        name = [names.get(t, t.partition(":")[2] or t) for t in code]
-        drug = ['{"code": ' + json.dumps(c, ensure_ascii=False) + ', "name": ' + json.dumps(n, ensure_ascii=False)
-                + ', "probability": ' for c, n in zip(code, name)]
+        code, name, drug = drug_labels(vocab)
         self.drug = drug
         frags: list[str] = []
 
