@@ -19,6 +19,13 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def data(prepared_synthetic):
+    """`prepared_synthetic` loaded (PreparedData), once per test module."""
+    from leader_jax.data.dataset import PreparedData
+    return PreparedData.load(prepared_synthetic)
+
+
 @pytest.fixture(scope="session")
 def prepared_synthetic(tmp_path_factory):
     """A small synthetic MIMIC-III-format dataset (200 patients, seed 0) prepared with the default

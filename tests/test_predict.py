@@ -13,7 +13,6 @@ import pytest
 
 from leader_jax import ddi_safety
 from leader_jax.cli import REPO_ROOT, UserError, load_config
-from leader_jax.data.dataset import PreparedData
 from leader_jax.io import load_npz
 from leader_jax.patient_input import sample_to_patient
 
@@ -31,11 +30,6 @@ def student_run(prepared_synthetic, tmp_path_factory):
         cfg.out = str(out)
     ts.train(cfg)
     return out
-
-
-@pytest.fixture(scope="module")
-def data(prepared_synthetic):
-    return PreparedData.load(prepared_synthetic)
 
 
 @pytest.fixture(scope="module")

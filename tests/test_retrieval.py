@@ -11,18 +11,13 @@ from flax import nnx
 
 from leader_jax import retrieval, sharding
 from leader_jax.cli import UserError, load_config
-from leader_jax.data.dataset import PreparedData, Sample, Vocab
+from leader_jax.data.dataset import Sample, Vocab
 from leader_jax.data.prompts import build_prompt
 from leader_jax.data.records import Visit
 from leader_jax.retrieval import candidates as cand
 from leader_jax.retrieval import render, reranker
 from leader_jax.retrieval.memory import Memory, Queries, eligible
 from leader_jax.retrieval.quality import neighbour_quality
-
-
-@pytest.fixture(scope="module")
-def data(prepared_synthetic):
-    return PreparedData.load(prepared_synthetic)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from leader_jax import sharding
-from leader_jax.data.dataset import PreparedData, Sample, Vocab
+from leader_jax.data.dataset import Sample, Vocab
 from leader_jax.data.records import Visit
 from leader_jax.feature_store import FeatureStore, FeatureStoreWriter, MissingFeaturesError
 from leader_jax.io import load_npz, read_jsonl
@@ -36,11 +36,6 @@ def _cfg(**kw):
     c.eval.batch_size = 32
     c.update(kw)
     return c
-
-
-@pytest.fixture(scope="module")
-def data(prepared_synthetic):
-    return PreparedData.load(prepared_synthetic)
 
 
 @pytest.fixture(scope="module")
