@@ -17,6 +17,9 @@ def get_config():
     c.model.path = "smollm2"              # the wheel's GGUF file; or a .gguf file / an HF LLaMA folder
     c.model.head_norm = True              # standardised EOS state before the head (train-split statistics)
     c.model.cache_prefix = True           # layers < lora.task.first_layer: once per sample
+    c.model.head_init = "probe"           # LP-FT: the head starts as a logistic probe on the frozen states
+    c.model.head_probe_l2 = (0.1, 0.3, 1.0)   # chosen by validation PRAUC (eICU demo: 0.3 is the peak of
+                                              # 0.003..3, docs/teacher.md)
     c.lora.task.update(dict(rank=8, alpha=32.0, dropout=0.1, targets="q,k,v,o,gate,up,down", first_layer=22))
     c.data.max_len = 512                  # train: older history visits dropped beyond this
     c.data.eval_max_len = 2048            # val/test/features: every eICU demo prompt fits (max 1,683 tokens)

@@ -23,6 +23,11 @@ def get_config() -> ConfigDict:
     c.model.dtype = "float32"          # compute dtype
     c.model.pool = "last"              # last = final-norm state at EOS (the paper); mean = over real tokens
     c.model.head_norm = True           # standardise the pooled state (train-split stats) before the head
+    c.model.head_init = "normal"       # normal = N(0, 0.02) | zero (with head_norm: step 0 = the priors) |
+                                       # probe = logistic regression on the frozen pooled states (LP-FT;
+                                       # needs head_norm); zero and probe make step 0 a validated candidate
+    c.model.head_probe_l2 = (1e-2,)    # probe: L2 strength(s); several = the best validation PRAUC wins
+    c.model.head_probe_iters = 100     # probe: L-BFGS iterations (full batch)
     c.model.trainable_base = False     # True: train every base weight too (full fine-tuning of a tiny
                                        # model); a frozen domain adapter stays frozen
     c.model.frozen_dtype = "float32"   # float32 | bfloat16 | float16: cast of the frozen base weights in the

@@ -319,3 +319,104 @@ def test_trainable_filter_never_trains_a_frozen_domain_adapter():
     assert kinds(c) == {"TaskLoRA", "DomainLoRA"}
     c.lora.domain_trainable = False
     assert kinds(c) == {"TaskLoRA"}
+
+
+# ---------------------------------------------------------------- head start (model.head_init)
+def test_probe_fit_is_the_optimum_and_beats_the_prior():
+    """The probe's weights satisfy the optimality condition of its objective, recomputed in numpy (zero
+    gradient; the objective is strictly convex in W, so this pins the unique solution); its training BCE is
+    below the prior-only BCE; a huge l2 gives back the prior."""
+    from leader_jax.train import head_probe
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((120, 12)).astype(np.float32)
+    y = (rng.random((120, 7)) < 1 / (1 + np.exp(-(x @ rng.standard_normal((12, 7)) - 1.5)))).astype(np.float32)
+    y[:3, 6] = 1.0                                          # a rare label with 3 positives
+    l2 = 0.05
+    w, b, info = head_probe.fit(x, y, l2, iters=100)
+    p = 1 / (1 + np.exp(-(x.astype(np.float64) @ w + b)))
+    gw = x.T.astype(np.float64) @ (p - y) / len(x) + l2 * w
+    gb = (p - y).sum(0) / len(x)
+    assert np.abs(gw).max() < 1e-4 and np.abs(gb).max() < 1e-4 and info["grad_norm"] < 1e-4
+    assert np.abs(w).max() > 0.1                           # not the start point
+    assert info["train_bce"] < info["prior_train_bce"] - 0.05
+    w_big, b_big, _ = head_probe.fit(x, y, 1e6, iters=100)
+    assert np.abs(w_big).max() < 1e-4
+    np.testing.assert_allclose(b_big, head_probe.prior_logit(y), atol=1e-3)
+
+
+def _head_run(setup, name, head_init, **model):
+    cfg = make_cfg(setup, name, (1, 1, 1), steps=2, eval_every=1)
+    cfg.model.head_norm = True
+    cfg.model.head_init = head_init
+    cfg.model.update(model)
+    cfg.train.optim.warmup_steps = 1                        # step 1 runs at lr 0: the model of step 0
+    cfg.eval.splits = ("val",)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def head_runs(setup):
+    from leader_jax.train.teacher import train
+
+    root, _ = setup
+    probe = _head_run(setup, "probe", "probe", head_probe_l2=(1e-3, 1.0), cache_prefix=True)
+    probe.lora.task.first_layer = 1
+    zero = _head_run(setup, "zero", "zero")
+    return root, {"probe": train(probe), "zero": train(zero)}
+
+
+def test_probe_head_is_the_step0_teacher(head_runs):
+    """head_init=probe: the l2 with the best validation PRAUC is chosen; step 0 (the probe, scored on host
+    from the frozen pooled states) is offered to the best-step keeper; the engine's own validation at step
+    1 (lr 0, so the step-0 model) gives the same PRAUC, so the probe installed in the teacher is exact."""
+    root, out = head_runs
+    s = out["probe"]
+    h = s["head_init"]
+    assert h["kind"] == "probe" and h["l2"] in (1e-3, 1.0)
+    assert abs(h["val_prauc"] - max(h["val_prauc_by_l2"].values())) < 1e-6          # stored rounded to 1e-6
+    assert abs(h["val_prauc"] - h["step0_val_prauc"]) < 1e-6
+    assert h["train_bce"] < h["prior_train_bce"]
+    assert len(set(h["val_prauc_by_l2"].values())) == 2    # the candidates differ
+    recs = read_jsonl(root / "probe" / "metrics.jsonl")
+    assert recs[0]["lr"] == 0.0
+    assert abs(recs[0]["val_prauc"] - h["step0_val_prauc"]) < 1e-5
+    assert s["best_val_prauc"] >= h["step0_val_prauc"] - 1e-6       # the keeper saw step 0
+
+
+def test_zero_head_starts_at_the_priors(head_runs, setup):
+    """head_init=zero with head_norm: the head starts at zero and the bias at the prior logit, so the
+    validation of step 1 (lr 0: the step-0 model, run through the engine) scores exactly the PRAUC of
+    predicting each drug's training prior (clipped) for every patient, as does the host-side step-0 score."""
+    from leader_jax.data.dataset import PreparedData
+    from leader_jax.train.teacher import val_prauc
+
+    root, out = head_runs
+    assert out["zero"]["head_init"]["kind"] == "zero"
+    data = PreparedData.load(setup[1])
+    prior = np.clip(data.labels(data.splits["train"]).mean(0), 1e-4, 1 - 1e-4)
+    assert out["zero"]["n_train"] == len(data.splits["train"])       # nothing dropped: the same prior
+    y_val = data.labels(data.splits["val"])
+    expect = val_prauc(y_val, np.broadcast_to(prior, y_val.shape))
+    # PRAUC ranks the drugs of each visit: another order of the same values scores far from it
+    assert abs(val_prauc(y_val, np.broadcast_to(prior[::-1], y_val.shape)) - expect) > 1e-2
+    step1 = read_jsonl(root / "zero" / "metrics.jsonl")[0]
+    assert step1["lr"] == 0.0
+    assert abs(step1["val_prauc"] - expect) < 1e-6
+    assert abs(out["zero"]["head_init"]["step0_val_prauc"] - expect) < 1e-6
+
+
+def test_head_init_config_errors():
+    from configs.teacher_tiny import get_config
+    from leader_jax.cli import UserError
+    from leader_jax.train.teacher import validate_config
+
+    for field, value, match in (("head_init", "xavier", "head_init"), ("head_probe_l2", (-1.0,), "head_probe_l2")):
+        c = get_config()
+        c.model[field] = value
+        with pytest.raises(UserError, match=match):
+            validate_config(c)
+    c = get_config()
+    c.model.head_init, c.model.head_norm = "probe", False
+    with pytest.raises(UserError, match="head_norm"):
+        validate_config(c)

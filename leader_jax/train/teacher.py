@@ -13,7 +13,9 @@ and `RUN/tokenizer/` when the base is a GGUF file.
 Sequences are padded to length buckets (`data.length_buckets`, see `length_buckets`), not to one fixed
 length. With `lora.task.first_layer=K` the task adapter sits on layers K.. only; `model.cache_prefix`
 then runs the frozen layers below K once per sample and trains on their cached output
-(`models.frozen_prefix`): same loss and gradients, less compute.
+(`models.frozen_prefix`): same loss and gradients, less compute. `model.head_init` starts the head
+(`normal`, `zero`, or `probe`: a logistic probe on the frozen pooled states, `head_probe`); with `zero` and
+`probe` step 0 is scored on validation and can be the kept best step.
 """
 from __future__ import annotations
 
@@ -29,13 +31,14 @@ from ml_collections import ConfigDict
 from leader_jax.cli import UserError
 from leader_jax.models import frozen_prefix as fp, lora
 from leader_jax.models.teacher import HeadParam, Teacher, bce_loss
-from leader_jax.train import common, loop, text_batches as tdata, distributed
+from leader_jax.train import common, head_probe, loop, text_batches as tdata, distributed
 from leader_jax.train.length_buckets import BucketedStream, PadStats, bucket_set, validate_buckets
 from leader_jax.train.engine import Checkpointer, Engine, place
 
 POOLS = ("last", "mean")
 SOURCES = ("hf", "scratch")
 FROZEN_DTYPES = ("float32", "bfloat16", "float16")
+HEAD_INITS = ("normal", "zero", "probe")
 
 
 # ----------------------------------------------------------------------------------------- building
@@ -126,23 +129,61 @@ def predict_split(engine: Engine, enc: tdata.Encoded, batch_size: int, desc: str
     return probs.astype(np.float32), pooled.astype(np.float32)
 
 
-def set_head_stats(engine: Engine, enc: tdata.Encoded, batch_size: int, **kw) -> None:
+def set_head(engine: Engine, **values: np.ndarray) -> None:
+    """Overwrite head variables of the trainable state by name (`head`, `head_mean`, `head_scale`,
+    `head_bias`), keeping their dtype and sharding."""
+    def put(path, x):
+        hit = [n for n in (getattr(p, "key", getattr(p, "name", None)) for p in path) if n in values]
+        return jax.device_put(np.asarray(values[hit[-1]]).astype(x.dtype), x.sharding) if hit else x
+
+    engine.trainable = jax.tree_util.tree_map_with_path(put, engine.trainable)
+
+
+def set_head_stats(engine: Engine, enc: tdata.Encoded, batch_size: int, **kw) -> np.ndarray:
     """head_norm: mean and 1/std of the initial pooled state over the training split, and the head bias
-    at the logit of each drug's training prior (clipped to [1e-4, 1 - 1e-4])."""
+    at the logit of each drug's training prior (clipped to [1e-4, 1 - 1e-4]). Returns the training split's
+    standardised pooled states (what the head sees at step 0; the probe's features)."""
     _, pooled = predict_split(engine, enc, batch_size, desc="head stats", **kw)
     mean = pooled.mean(0)
     inv = 1.0 / (pooled.std(0) + 1e-6)
-    prior = np.clip(enc.labels.mean(0), 1e-4, 1 - 1e-4)
-    bias = np.log(prior) - np.log1p(-prior)
+    set_head(engine, head_mean=mean, head_scale=inv, head_bias=head_probe.prior_logit(enc.labels))
+    return (pooled - mean) * inv
 
-    def put(path, x):
-        k = jax.tree_util.keystr(path)
-        for name, value in (("head_mean", mean), ("head_scale", inv), ("head_bias", bias)):
-            if name in k:
-                return jax.device_put(value.astype(x.dtype), x.sharding)
-        return x
 
-    engine.trainable = jax.tree_util.tree_map_with_path(put, engine.trainable)
+def probe_l2s(m: ConfigDict) -> list[float]:
+    """The probe's l2 candidates (`model.head_probe_l2`: one value or a tuple)."""
+    v = m.head_probe_l2
+    return [float(x) for x in (v if isinstance(v, (tuple, list)) else (v,))]
+
+
+def init_head(cfg: ConfigDict, engine: Engine, train_enc, val_enc, batch_size: int, *, train_kw: dict,
+              val_kw: dict) -> tuple[dict, np.ndarray | None]:
+    """Start of the head at step 0: `head_norm` statistics (and bias at the prior logit), then the weights by
+    `model.head_init`: normal = N(0, 0.02) as built; zero = 0 (with head_norm the step-0 probabilities are
+    exactly the training priors); probe = the L2-regularised logistic regression on the frozen model's
+    standardised pooled states (`head_probe`; l2 chosen on validation PRAUC). Returns (summary record,
+    validation probabilities of the step-0 model or None when not known without a validation pass)."""
+    m = cfg.model
+    feats = set_head_stats(engine, train_enc, batch_size, **train_kw) if m.head_norm else None
+    if m.head_init == "normal":
+        return {"kind": "normal"}, None
+    n_med = int(train_enc.labels.shape[1])
+    if m.head_init == "zero":
+        dim = int(engine.model().llama.config.hidden_size)
+        set_head(engine, head=np.zeros((dim, n_med), np.float32))
+        if not m.head_norm:
+            return {"kind": "zero"}, None
+        prior = jax.nn.sigmoid(head_probe.prior_logit(train_enc.labels))
+        return {"kind": "zero"}, np.broadcast_to(np.asarray(prior, np.float32), val_enc.labels.shape)
+    # probe (validate_config: needs head_norm): the frozen model's validation pooled states, standardised
+    _, val_pooled = predict_split(engine, val_enc, batch_size, desc="probe val", **val_kw)
+    model = engine.model()
+    val_feats = (val_pooled - np.asarray(model.head_mean[...])) * np.asarray(model.head_scale[...])
+    probe = head_probe.choose(feats, train_enc.labels, val_feats, val_enc.labels,
+                              probe_l2s(m), int(m.head_probe_iters), val_prauc)
+    set_head(engine, head=probe.w, head_bias=probe.b)
+    rec = {"kind": "probe", "l2": probe.l2, "val_prauc": probe.val_prauc, **probe.info}
+    return rec, head_probe.predict(val_feats, probe.w, probe.b)
 
 
 def val_prauc(y_true: np.ndarray, y_prob: np.ndarray) -> float:
@@ -161,6 +202,15 @@ def validate_config(cfg: ConfigDict) -> None:
         raise UserError(f"model.pool={m.pool!r}; expected {' | '.join(POOLS)}")
     if m.frozen_dtype not in FROZEN_DTYPES:
         raise UserError(f"model.frozen_dtype={m.frozen_dtype!r}; expected {' | '.join(FROZEN_DTYPES)}")
+    if m.head_init not in HEAD_INITS:
+        raise UserError(f"model.head_init={m.head_init!r}; expected {' | '.join(HEAD_INITS)}")
+    if m.head_init == "probe" and not m.head_norm:
+        raise UserError("model.head_init=probe needs model.head_norm=True (the probe is fitted on the "
+                        "standardised pooled states and uses the head bias)")
+    l2s = probe_l2s(m)
+    if not l2s or any(float(v) < 0 for v in l2s) or int(m.head_probe_iters) <= 0:
+        raise UserError(f"model.head_probe_l2={m.head_probe_l2} must be one or more values >= 0 and "
+                        f"model.head_probe_iters={m.head_probe_iters} positive")
     d = cfg.data
     if int(d.max_len) <= 2 or int(d.eval_max_len) < 0 or int(d.max_history) < 0:
         raise UserError(f"data.max_len={d.max_len} must be > 2, data.eval_max_len={d.eval_max_len} and "
@@ -205,7 +255,7 @@ class BestKeeper:
         if meta is not None:
             self.val, self.step = float(meta["best_val"]), int(meta["best_step"])
         for s in self.ckpt.steps():
-            if s > step:
+            if s > step or meta is None:                   # a fresh start keeps nothing (step 0 included)
                 self.ckpt.delete(s)
 
     def offer(self, engine: Engine, val: float) -> None:
@@ -258,8 +308,15 @@ def train(cfg: ConfigDict) -> dict[str, Any]:
                                    desc=f"frozen prefix {name}")
               for name, enc in (("train", train_enc), ("val", val_enc))} if k else {}
     cached = (lambda name: {"prefix": caches[name], "fn": fp.UpperPredict(k)}) if k else (lambda name: {})
-    if cfg.model.head_norm and engine.step == 0:
-        set_head_stats(engine, train_enc, eval_bs, buckets=buckets, **cached("train"))
+    head_file = run / "head_init.json"
+    if engine.step == 0:
+        head_rec, val0 = init_head(cfg, engine, train_enc, val_enc, eval_bs,
+                                   train_kw={"buckets": buckets, **cached("train")},
+                                   val_kw={"buckets": buckets, "stats": stats["eval"], **cached("val")})
+        if val0 is not None and tr.eval_every:  # step 0 competes for the best step (the probe, the prior)
+            head_rec["step0_val_prauc"] = val_prauc(val_enc.labels, val0)
+            best.offer(engine, head_rec["step0_val_prauc"])
+        common.write_json(head_file, head_rec)
     log = common.open_log(run, engine.step)
     info = {"n_trainable": engine.n_trainable(), "n_frozen": engine.n_frozen(), **common.mesh_info(mesh),
             "n_train": len(train_enc), "n_val": len(val_enc),
@@ -267,7 +324,8 @@ def train(cfg: ConfigDict) -> dict[str, Any]:
             "train_history_dropped": train_enc.n_history_dropped,
             "train_dropped_overlong": len(train_enc.dropped_ids),
             "length_buckets": {"train": list(bucket_set(buckets or (), cfg.data.max_len)),
-                               "eval": list(bucket_set(buckets or (), eval_max_len(cfg)))}}
+                               "eval": list(bucket_set(buckets or (), eval_max_len(cfg)))},
+            "head_init": json.loads(head_file.read_text()) if head_file.exists() else {"kind": cfg.model.head_init}}
 
     def validate(done: int) -> dict | None:
         if not tr.eval_every or (done % tr.eval_every and done != tr.steps):
@@ -294,7 +352,7 @@ def train(cfg: ConfigDict) -> dict[str, Any]:
         return loop.write_unfinished(run, {**summary, **run_costs(engine, stats)})
 
     # ---- final: the best step's weights -> adapters, head, predictions
-    if best.step > 0:
+    if best.step >= 0:
         tr_best, _, _ = best.ckpt.restore(best.step, jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), engine.trainable))
         engine.trainable = tr_best
