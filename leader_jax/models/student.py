@@ -396,8 +396,11 @@ def build_student(cfg: StudentConfig, seed: int = 0) -> Student:
 
 
 def init_student(cfg: StudentConfig, seed: int = 0):
-    """(graphdef, params State)."""
-    return nnx.split(build_student(cfg, seed), nnx.Param)
+    """(graphdef, params State). The parameters are created inside one jitted function: one compiled
+    program (one persistent-cache entry) instead of an eager op and a layout program per parameter."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_student(cfg, seed)), nnx.Param)
+    layout = jax.tree.map(lambda a: a.sharding, abstract)          # from the rules table, as when eager
+    return graphdef, jax.jit(lambda: nnx.split(build_student(cfg, seed), nnx.Param)[1], out_shardings=layout)()
 
 
 # ----------------------------------------------------------------------------------------------- losses
