@@ -70,6 +70,7 @@ def build_stages(cfg: ConfigDict) -> list[Stage]:
                 for name, distill in (("student_kd", True), ("student_nokd", False))}
     for scfg in students.values():
         scfg.loss.update(preset)
+    students["student_kd"].train.lr = float(cfg.student_kd_lr)
     base_cfgs = {name: _with(cfg.baseline, data_dir=str(data_dir), name=name) for name in cfg.baselines}
 
     from leader_jax import baselines
@@ -243,6 +244,8 @@ def validate_config(cfg: ConfigDict) -> None:
         raise cli.UserError(f"demo dataset={cfg.dataset!r}: expected {' | '.join(DATASETS)}")
     if cfg.teacher_model not in TEACHER_MODELS:
         raise cli.UserError(f"demo teacher_model={cfg.teacher_model!r}: expected {' | '.join(TEACHER_MODELS)}")
+    if not float(cfg.student_kd_lr) > 0:
+        raise cli.UserError(f"demo student_kd_lr={cfg.student_kd_lr}: expected a positive learning rate")
     if int(cfg.tokenizer_vocab) <= 4:
         raise cli.UserError(f"demo tokenizer_vocab={cfg.tokenizer_vocab} is too small")
     from leader_jax import baselines, eval as evaluation

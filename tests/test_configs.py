@@ -73,6 +73,7 @@ BAD = [
     ("student.py", {"loss.align_loss": "kl"}, "loss.align_loss='kl'"),
     ("demo.py", {"student.train.lr": -1.0}, "demo student"),
     ("demo.py", {"dataset": "meds_typo"}, "meds_typo"),
+    ("demo.py", {"student_kd_lr": 0.0}, "student_kd_lr=0.0"),
     ("predict.py", {"ddi_filter": "strict"}, "ddi_filter='strict'"),
     ("model_card.py", {"splits": ("holdout",)}, "splits="),
 ]
