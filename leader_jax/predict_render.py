@@ -116,17 +116,24 @@ def drug_labels(vocab) -> tuple[list[str], list[str], list[str]]:
     return code, name, prefix
 
 
-class ReferenceRenderer:
-    """The previous renderer (numpy object arrays of pieces, one `bytes.join` per chunk), kept only as the
-    reference the fast `Renderer` is tested and benchmarked against: same constructor, same bytes."""
+class _RendererSettings:
+    """What both renderers read from the run: label count, θ, DDI matrix and filter, top-k, drug texts."""
 
-    def __init__(self, vocab, threshold: float, ddi, ddi_graph, cfg):
+    def _settings(self, vocab, threshold: float, ddi, cfg):
         self.m = m = vocab.n_med
         self.threshold, self.ddi, self.cfg = float(threshold), ddi, cfg
         self.k = m if cfg.top_k == 0 else min(int(cfg.top_k), m)
         self.filt = cfg.ddi_filter != "off" and ddi is not None
-        code, name, drug = drug_labels(vocab)
-        self.drug = drug
+        code, name, self.drug = drug_labels(vocab)
+        return m, code, name, self.drug
+
+
+class ReferenceRenderer(_RendererSettings):
+    """The previous renderer (numpy object arrays of pieces, one `bytes.join` per chunk), kept only as the
+    reference the fast `Renderer` is tested and benchmarked against: same constructor, same bytes."""
+
+    def __init__(self, vocab, threshold: float, ddi, ddi_graph, cfg):
+        m, code, name, drug = self._settings(vocab, threshold, ddi, cfg)
         self.drug_sep = _bytes_array(drug + [", " + d for d in drug])                  # j + m·(not first)
         self.prob_head, self.prob_tail = _prob_tables()
         pairs = np.full(m * m, "", dtype=object)                  # pair lo·m + hi → its JSON text
@@ -238,7 +245,7 @@ def _spread(ok: np.ndarray, counts_ok: np.ndarray, pieces: np.ndarray):
     return counts, pieces
 
 
-class Renderer:
+class Renderer(_RendererSettings):
     """Records + probabilities → output text, UTF-8 (one JSON object and a newline per record).
 
     Every piece of text is a row of one fragment table: the static rows built here (drug prefixes with
@@ -249,12 +256,7 @@ class Renderer:
     def __init__(self, vocab, threshold: float, ddi, ddi_graph, cfg):
         import pyarrow as pa
 
-        self.m = m = vocab.n_med
-        self.threshold, self.ddi, self.cfg = float(threshold), ddi, cfg
-        self.k = m if cfg.top_k == 0 else min(int(cfg.top_k), m)
-        self.filt = cfg.ddi_filter != "off" and ddi is not None
-        code, name, drug = drug_labels(vocab)
-        self.drug = drug
+        m, code, name, drug = self._settings(vocab, threshold, ddi, cfg)
         frags: list[str] = []
 
         def add(texts) -> int:
