@@ -24,9 +24,7 @@ def get_config():
     c.data.max_len = 256
     c.data.length_buckets = (64, 128)
     c.train.steps = 80
-    c.train.micro_batch = 16
-    c.train.accum = 1
-    c.train.optim.update(dict(lr=1e-3, warmup_steps=8, weight_decay=0.0, b1=0.9, b2=0.999, clip_norm=1.0))
+    c.train.optim.update(dict(lr=1e-3, warmup_steps=8, b2=0.999))
     c.train.ckpt_every = 40
     c.eval.batch_size = 16
     return c

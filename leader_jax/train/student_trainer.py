@@ -42,9 +42,8 @@ def model_config(cfg: ConfigDict, vocab, teacher_dim: int | None) -> StudentConf
         n_diag=len(vocab.diag), n_proc=len(vocab.proc), n_med=len(vocab.med),
         profile_sizes=tuple(len(vocab.profile[f]) for f in profile_fields(vocab)) if m.use_profile else (),
         teacher_dim=teacher_dim, d=m.d, heads=m.heads, ffn=m.ffn, head_hidden=m.head_hidden,
-        max_visits=m.max_visits, visit_position=m.visit_position,
-        # run folders written before the switch existed have no such field: they used separate tables
-        shared_embedding=bool(m.shared_embedding) if "shared_embedding" in m else False, dropout=m.dropout,
+        max_visits=m.max_visits, visit_position=m.visit_position, shared_embedding=bool(m.shared_embedding),
+        dropout=m.dropout,
         attn_dropout=m.attn_dropout)
 
 
