@@ -136,7 +136,7 @@ def run_predict(cfg: ConfigDict, recommender=None, overlap: bool = True) -> dict
                 return writer.submit(out.write, text) if overlap else done(out.write(text))
 
             for records in chunks():
-                probs = model.submit(rec._records_proba, records) if overlap else done(rec._records_proba(records))
+                probs = model.submit(rec.records_proba, records) if overlap else done(rec.records_proba(records))
                 if pending is not None:
                     written = finish(*pending)
                 pending = (records, probs)

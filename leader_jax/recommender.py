@@ -207,17 +207,6 @@ class Recommender:
         inputs = self.parse(patients)
         return self.results(inputs, self.predict_proba(inputs))
 
-    def predict_chunk(self, lines: Sequence[str], first_line: int = 1) -> tuple[bytes, Records]:
-        """The CLI's output text, UTF-8 (one line per non-blank input line, in order; a malformed line gives
-        an error record) and the parsed records, for JSONL lines numbered from `first_line`."""
-        records = self.parse_chunk(lines, first_line)
-        return self.renderer.render(records, self._records_proba(records)), records
-
-    def predict_text(self, patients: Sequence[Any]) -> tuple[bytes, Records]:
-        """Output text (UTF-8, the Python API's records: no line number) and records of patient objects."""
-        records = records_from_parsed(self.parse(patients), lines=False)
-        return self.renderer.render(records, self._records_proba(records)), records
-
     @property
     def visit_order(self) -> str:
         """The visit order the run's data was prepared with (MEDS input orders visits the same way)."""
@@ -230,7 +219,7 @@ class Recommender:
             return self._chunk_parser.parse(lines, first_line)
         return records_from_parsed(parse_lines(lines, self.resolver, first_line))
 
-    def _records_proba(self, records: Records) -> np.ndarray:
+    def records_proba(self, records: Records) -> np.ndarray:
         """Probabilities [OK records, n_med] of the records that get a prediction."""
         if records.enc is not None:
             return self._predict_fn.model(records.enc)

@@ -295,7 +295,7 @@ def test_columnwise_chunks_equal_the_per_line_path(rec, data):
         w = max(a.shape[-1], b.shape[-1])
         np.testing.assert_array_equal(np.pad(a, ((0, 0), (0, 0), (0, w - a.shape[-1]))),
                                       np.pad(b, ((0, 0), (0, 0), (0, w - b.shape[-1]))), err_msg=name)
-    probs = rec._records_proba(fast)
+    probs = rec.records_proba(fast)
     assert rec.renderer.render(fast, probs) == rec.renderer.render(slow, rec._predict_fn.model(slow.enc))
 
 
