@@ -4,6 +4,8 @@ Defaults follow the paper's MIMIC-III offline script (d 64, α 0.4, w 0.005, Ada
 `--config configs/student.py:mimic4` selects the MIMIC-IV weights (α 0.8, w 0.01)."""
 from ml_collections import ConfigDict
 
+from leader_jax.cli import load_config
+
 PRESETS = {   # per dataset: updates of the nested fields
     "mimic3": {"loss": dict(alpha=0.4, align_weight=0.005)},
     "mimic4": {"loss": dict(alpha=0.8, align_weight=0.01)},
@@ -53,6 +55,12 @@ def get_config(preset: str | None = None) -> ConfigDict:
     c.eval = ConfigDict()
     c.eval.batch_size = 512          # patients per packed inference batch
     c.eval.threshold = 0.5           # p >= θ for the validation Jaccard/F1 (selection is by PRAUC)
+
+    # Neighbours' drug sets as an extra input (docs/student.md): mode none = the plain student; fixed = the
+    # mean multi-hot of the drugs of the k most code-similar training visits (pools of `similarity`, never
+    # the sample's own patient); joint is not available for the student. similarity=oracle uses the
+    # query's own drugs: an upper bound for evaluation only (prediction refuses such a run).
+    c.retrieval = load_config("retrieval.py")
 
     c.distributed = ConfigDict(dict(coordinator="", num_processes=0, process_id=0, auto=False))
     if preset:

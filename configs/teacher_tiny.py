@@ -65,6 +65,9 @@ def get_config() -> ConfigDict:
     c.train.resume = True
     c.train.stop_after = 0             # >0: stop after this step without finishing (kill simulation)
 
+    c.retrieval = load_config("retrieval.py")   # similar past patients in the prompt: mode none | fixed
+                                       # (joint not wired yet); docs/retrieval.md
+
     c.eval = ConfigDict()
     c.eval.batch_size = 64
     c.eval.splits = ("val", "test")

@@ -57,6 +57,7 @@ def _student_backend(run: Path, meta: dict, data, cfg: ConfigDict) -> Callable[[
         teacher_dim = extra // (int(rcfg.model.head_hidden) + 1) or None
     if "shared_embedding" not in rcfg.model:     # a run saved before the switch existed: separate tables
         rcfg.model.shared_embedding = False
+    neighbours = _student_neighbours(run, rcfg, data)
     mcfg = st.model_config(rcfg, data.vocab, teacher_dim)
     trainer = st.StudentTrainer(mcfg, st.loss_config(rcfg), lr=float(rcfg.train.lr), seed=int(rcfg.seed),
                                 inference_kernel=str(rcfg.model.inference_kernel))
@@ -72,6 +73,8 @@ def _student_backend(run: Path, meta: dict, data, cfg: ConfigDict) -> Callable[[
         return si.encode_samples(samples, data.vocab, max_visits)
 
     def model(enc) -> np.ndarray:
+        if neighbours is not None and enc.nbr is None:   # the neighbours' drug bags, from the codes alone
+            enc.nbr = neighbours.bags(enc)
         top = np.maximum(np.asarray(caps[-1]), enc.needs.max(axis=0)) if len(enc) else np.asarray(caps[-1])
         run_caps = caps[:-1] + [tuple(int(x) for x in top)]      # new patients may need wider sets
         try:
@@ -88,9 +91,27 @@ def _student_backend(run: Path, meta: dict, data, cfg: ConfigDict) -> Callable[[
     return predict
 
 
+def _student_neighbours(run: Path, rcfg: ConfigDict, data):
+    """The neighbour-drug input of a student run trained with retrieval mode fixed (None for mode none;
+    a run saved before the retrieval block existed is mode none): its saved memory and pool settings."""
+    from leader_jax.cli import load_config
+    from leader_jax.train import student_inputs as si
+
+    if "retrieval" not in rcfg:
+        rcfg.retrieval = load_config("retrieval.py")
+    if rcfg.retrieval.mode == "none":
+        return None
+    try:
+        return si.NeighbourInput(run, data.vocab, data.fingerprint())
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise UserError(f"{run}: {e}") from None
+
+
 def _teacher_backend(run: Path, meta: dict, data, cfg: ConfigDict) -> Callable[[Sequence], np.ndarray]:
     """samples → probabilities with the teacher of RUN: base model + adapters + head from its checkpoint,
-    prompts from its config (needs the base model folder and the tokenizer the run was trained with)."""
+    prompts from its config (needs the base model folder and the tokenizer the run was trained with). A
+    run trained with `retrieval.mode=fixed` shows each patient its neighbours from RUN/retrieval/memory.npz
+    (`_teacher_retrieval`)."""
     import optax
 
     from leader_jax.train import common
@@ -112,6 +133,8 @@ def _teacher_backend(run: Path, meta: dict, data, cfg: ConfigDict) -> Callable[[
         raise UserError(f"{run}: the teacher needs its base model, but {rcfg.model.path or '(none set)'} holds "
                         "no HF LLaMA (config.json model.path); restore it at that path to predict")
     tcfg, ckpt, info = load_teacher_run(run, cfg.teacher_checkpoint, tuple(cfg.mesh))
+    build_prompt = _teacher_retrieval(run, tcfg, data)
+    buckets = tuple(int(b) for b in tcfg.data.length_buckets) or None      # the run's own eval padding
     mesh = common.make_mesh(tcfg)
     common.check_batch_sizes(mesh, {"batch_size": cfg.batch_size})
     tok = common.load_run_tokenizer(tok_path, run)
@@ -122,14 +145,38 @@ def _teacher_backend(run: Path, meta: dict, data, cfg: ConfigDict) -> Callable[[
 
     def predict(samples: Sequence) -> np.ndarray:
         try:
+            builder = None
+            if build_prompt is not None:
+                samples = build_prompt.renamed(samples)
+                builder = build_prompt(samples, tok, tt.eval_max_len(tcfg))
             enc = tdata.encode_samples(samples, data.vocab, tok, special, tt.eval_max_len(tcfg),
                                        max_history=tcfg.data.max_history, profile=tcfg.data.profile,
-                                       split="input", overlong="error")
+                                       split="input", overlong="error", build_prompt=builder)
         except ValueError as e:
             raise UserError(str(e)) from None
-        return tt.predict_split(engine, enc, cfg.batch_size, desc="predict")[0]
+        return tt.predict_split(engine, enc, cfg.batch_size, desc="predict", buckets=buckets)[0]
 
     return predict
+
+
+def _teacher_retrieval(run: Path, tcfg: ConfigDict, data):
+    """None for a teacher without retrieval; else `make(samples, tokenizer, max_len)` → the `build_prompt`
+    for those new patients (pools from the run's saved memory with its pool settings, rendered as in
+    training), with `make.renamed(samples)` giving the samples positional ids first (input ids may repeat).
+    An oracle-pool run is refused here: new patients have no known drugs to rank by."""
+    from leader_jax.retrieval import run_prompts as rp
+
+    if tcfg.retrieval.mode != "none" and tcfg.retrieval.similarity == "oracle":
+        raise UserError(f"{run}: {rp.oracle_refusal()}")
+    retr = rp.RunRetrieval.for_run(tcfg.retrieval, run, data.vocab, fingerprint=data.fingerprint())
+    if retr is None:
+        return None
+
+    def make(samples: Sequence, tokenizer, max_len: int):
+        return retr.builder(retr.input_pools(samples), tokenizer, max_len)
+
+    make.renamed = rp.unique_ids
+    return make
 
 
 BACKENDS = {"student": _student_backend, "teacher": _teacher_backend}

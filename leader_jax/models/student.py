@@ -15,6 +15,11 @@ Architecture (the paper's, with the fixes listed in docs/decisions.md):
   dataset has no profile fields);
 - head ReLU → Linear(3d, 128) → ReLU → Linear(128, n_med); the 128-d "mediator" (output of the first
   Linear) is projected to the teacher dimension for feature distillation.
+- optional neighbour-drug input (`neighbour_input=True`, retrieval mode fixed): the mean multi-hot of
+  the drugs of the k retrieved training visits, `nbr` [B, n_med], is projected linearly (no bias) to 3d
+  and added to the patient vector before the head's ReLU. Adding keeps the head's shape, lets the bag
+  act through the same non-linearity as the three streams, and a sample without neighbours (an all-zero
+  bag) is exactly the plain student; with `neighbour_input=False` the model has no such parameter.
 
 Losses (`student_loss`): BCE + α·MSE(proj(mediator), teacher) + w·profile alignment (symmetric InfoNCE
 with temperature τ; `align_loss="paper"` leaves the positive out of the denominators as the original).
@@ -56,6 +61,7 @@ class StudentConfig:
     max_visits: int = 10
     visit_position: str = "none"
     shared_embedding: bool = False     # one table, per-type row offsets (see Student.stream_offsets)
+    neighbour_input: bool = False      # batch["nbr"] [B, n_med]: neighbours' drug bag (retrieval fixed)
     dropout: float = 0.4
     attn_dropout: float = 0.1
     ln_eps: float = 1e-12
@@ -206,7 +212,8 @@ class Student(nnx.Module):
     diag/proc/med [B, V, C*]: token ids per visit slot (0 = pad), visits oldest → newest, left-aligned;
         `med` is already shifted (slot 0 empty: it receives the profile vector).
     n_visits [B]: kept visits (0 = padded batch row); profile [B, F]; target [B, Cm] target drug ids
-    (1 + label index, 0 = pad) for the alignment loss.
+    (1 + label index, 0 = pad) for the alignment loss; nbr [B, n_med] float (neighbour_input only): the
+    neighbours' drug bag.
     """
 
     def __init__(self, cfg: StudentConfig, *, rng: np.random.Generator):
@@ -240,6 +247,9 @@ class Student(nnx.Module):
                         if cfg.teacher_dim else None)
         self.align_x = Dense(d, d, ("embed", "mlp"), rng=rng)
         self.align_y = Dense(d, d, ("embed", "mlp"), rng=rng)
+        # drawn last, so the other parameters' initial values do not depend on the switch
+        self.nbr_proj = (Dense(cfg.n_med, 3 * d, ("labels", "embed"), use_bias=False, rng=rng)
+                         if cfg.neighbour_input else None)
 
     # -- pieces
     def stream_offsets(self) -> dict[str, int]:
@@ -296,11 +306,14 @@ class Student(nnx.Module):
             streams = streams + jnp.concatenate([self.recency(age)] * 3, axis=0)
         pooled = masked_mean(self.visit_enc(streams, mask3, drop), mask3, axis=1)
         c = jnp.concatenate(jnp.split(pooled, 3, axis=0), axis=-1)     # [B, 3d]
-        h, logits = self.head(c)
+        h, logits = self.head(c, batch)
         return {"logits": logits, "mediator": h, "profile": prof}
 
-    def head(self, c):
-        """[B, 3d] patient vector → (mediator [B, head_hidden], logits [B, n_med])."""
+    def head(self, c, batch: dict):
+        """[B, 3d] patient vector (+ the projected neighbour-drug bag `batch["nbr"]` when the model has
+        the neighbour input) → (mediator [B, head_hidden], logits [B, n_med])."""
+        if self.nbr_proj is not None:
+            c = c + self.nbr_proj(batch["nbr"].astype(c.dtype))
         h = self.head1(jax.nn.relu(c))
         return h, self.head2(jax.nn.relu(h))
 
@@ -357,7 +370,7 @@ class Student(nnx.Module):
         y = self.visit_enc(streams, segment_mask(vseg), drop)
         rv = pb["v_seg"].shape[0]
         pooled = [seg_mean(y[i * rv:(i + 1) * rv], pb["v_seg"], pb["v_pat"], b)[:b] for i in range(3)]
-        return self.head(jnp.concatenate(pooled, axis=-1))[1]
+        return self.head(jnp.concatenate(pooled, axis=-1), pb)[1]
 
     def predict_flat(self, pb: dict, tables: dict | None = None):
         """The same logits from a *flat* batch (`leader_jax.train.packing.pack_flat`: every set a run
@@ -379,7 +392,7 @@ class Student(nnx.Module):
         starts = jnp.concatenate([pb["p_start"] + i * n for i in range(3)])
         counts = jnp.concatenate([pb["p_len"]] * 3)
         pooled = set_block_means(enc, rows, jnp.arange(3 * n, dtype=jnp.int32), starts, counts).reshape(3, b, d)
-        return self.head(jnp.concatenate(list(pooled), axis=-1))[1]
+        return self.head(jnp.concatenate(list(pooled), axis=-1), pb)[1]
 
     def align_pair(self, target, profile_vec, key=None):
         """Projected target-drug-set embedding x [B, d] and profile embedding y [B, d] (the target

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import os
+import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -197,13 +198,17 @@ def load_pools(path: str | os.PathLike, *, fingerprint: str, settings: PoolSetti
 def split_pools(memory: Memory, samples: Sequence, settings: PoolSettings, split: str,
                 cache_dir: str | os.PathLike | None = None) -> Pools:
     """The pools of one split: read from `cache_dir/<split>.npz` when it matches the data and settings,
-    otherwise built (and saved there when `cache_dir` is given). Every query id must be in the file."""
+    otherwise (other data, settings or queries; an unreadable file) built, and saved there when `cache_dir`
+    is given."""
     path = None if cache_dir is None else Path(cache_dir) / f"{split}.npz"
     if path is not None and path.is_file():
         try:
             pools = load_pools(path, fingerprint=memory.fingerprint, settings=settings)
         except StalePoolsError as e:
             log.info("rebuilding candidate pools: %s", e)
+            pools = None
+        except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as e:    # unreadable: rebuilt
+            log.warning("rebuilding candidate pools: %s is unreadable (%s)", path, e)
             pools = None
         if pools is not None and pools.query_ids == [s.id for s in samples]:
             return pools

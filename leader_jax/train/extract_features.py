@@ -7,7 +7,9 @@ the teacher checkpoint and dataset fingerprints). Every sample is encoded with t
 (`data.eval_max_len`, no sample dropped), so the store covers every id of every split. An interrupted
 extraction resumes: ids already in a shard are skipped. Batches are padded to the teacher's length
 buckets (`data.length_buckets`); `STORE/summary.json` reports the compile count, the padding fraction and
-the time.
+the time. A teacher trained with `retrieval.mode=fixed` is fed the same retrieval prompts as in training
+(its `RUN/retrieval/memory.npz`; a split's pools from `RUN/retrieval/<split>.npz`, rebuilt there when
+missing or stale); the manifest records the retrieval settings.
 """
 from __future__ import annotations
 
@@ -22,9 +24,10 @@ import numpy as np
 import optax
 from ml_collections import ConfigDict
 
-from leader_jax.cli import UserError
+from leader_jax.cli import UserError, load_config
 from leader_jax.feature_store import FeatureStoreWriter
 from leader_jax.io import progress
+from leader_jax.retrieval.run_prompts import RunRetrieval
 from leader_jax.train import common, text_batches as tdata, distributed
 from leader_jax.train.length_buckets import PadStats
 from leader_jax.train.engine import Checkpointer, Engine, _abstract
@@ -79,6 +82,9 @@ def load_teacher_run(run: Path, which: str, mesh_shape) -> tuple[ConfigDict, Eng
                         "teacher again")
     with tcfg.unlocked():
         tcfg.mesh = tuple(mesh_shape)
+        if "retrieval" not in tcfg:      # a run saved before retrieval existed had none
+            tcfg.retrieval = load_config("retrieval.py")
+            tcfg.retrieval.mode = "none"
     if which not in CHECKPOINTS:
         raise UserError(f"checkpoint={which!r}; expected {' | '.join(CHECKPOINTS)}")
     ckpt_dir = run / ("best" if which == "best" else "checkpoints")
@@ -122,6 +128,10 @@ def extract(cfg: ConfigDict) -> dict[str, Any]:
     tok = common.load_run_tokenizer(tokenizer_path(tcfg), run)     # RUN/tokenizer for a GGUF base
     special = tdata.SpecialIds.from_tokenizer(tok)
     main = distributed.is_main_process()
+    retr = RunRetrieval.for_run(tcfg.retrieval, run, prepared.vocab, fingerprint=prepared.fingerprint(),
+                                write=main)
+    if retr is not None:                 # (mode none adds nothing: stores written before retrieval still resume)
+        meta["retrieval"] = retr.info()
     writer = FeatureStoreWriter(out, hidden_dim=teacher.llama.config.hidden_size,
                                 n_med=prepared.vocab.n_med, meta=meta) if main else None
     shards_written, counts = 0, {}
@@ -131,7 +141,7 @@ def extract(cfg: ConfigDict) -> dict[str, Any]:
     for split in cfg.splits:
         if split not in prepared.splits:
             raise UserError(f"split {split!r} not in the prepared data (has {sorted(prepared.splits)})")
-        enc = encode_split(tcfg, prepared, split, tok, special, training=False)
+        enc = encode_split(tcfg, prepared, split, tok, special, training=False, retrieval=retr)
         done = writer.done_ids(split) if main else set()
         if jax.process_count() > 1:               # every process must run the same batches
             from jax.experimental import multihost_utils

@@ -9,8 +9,10 @@ and the trainer in `student_trainer`. RUN gets `config.json` (at start), `run.js
 marks the folder as a student run from the start; the summary is added when the run finishes),
 `metrics.jsonl` (per epoch: train loss parts, validation PRAUC/Jaccard/F1), `checkpoints/` (orbax, one
 per epoch: current + best parameters, optimizer state, early-stopping state, run identity) and
-`predictions/{val,test}.npz`. A run resumes from its last checkpoint (`train.resume`, default) with
-results identical to an uninterrupted run; a folder that holds another kind of run is refused.
+`predictions/{val,test}.npz`; with `retrieval.mode=fixed` also `retrieval/` (the training-visit
+memory, the neighbour pools per split and their settings, which prediction reuses). A run resumes from
+its last checkpoint (`train.resume`, default) with results identical to an uninterrupted run; a folder
+that holds another kind of run is refused.
 """
 from __future__ import annotations
 
@@ -26,14 +28,15 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
+from leader_jax import retrieval
 from leader_jax.cli import UserError
 from leader_jax.compile_cache import CompileStats, active_dir
 from leader_jax.io import JsonlLogger, atomic_write_json, atomic_write_text, progress
 from leader_jax.models.student import ALIGN_LOSSES, VISIT_POSITIONS
 from leader_jax.train import common, distributed
 from leader_jax.train.engine import Checkpointer
-from leader_jax.train.student_inputs import (SPLITS, EncodedSplit, assign_buckets, attach_teacher, bucket_caps,
-                                             chunk_plan, encode_samples, make_chunk)
+from leader_jax.train.student_inputs import (NEIGHBOUR_DIR, SPLITS, EncodedSplit, assign_buckets, attach_neighbours,
+                                             attach_teacher, bucket_caps, chunk_plan, encode_samples, make_chunk)
 from leader_jax.train.student_trainer import (KERNEL_MODES, MODEL_KIND, CompiledSteps, StudentTrainer, loss_config,
                                               model_config, restore_state, save_state, split_metrics)
 
@@ -62,7 +65,11 @@ OTHER_RUN_FILES = {"vocab.json": "prepared data", "samples.jsonl": "prepared dat
                    "summary.json": "a teacher or stage-1 run", "base": "a stage-1 run",
                    "domain_adapter": "a stage-1 run"}
 # What a student run writes (and, with train.resume=False, replaces).
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "predictions")
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "predictions", NEIGHBOUR_DIR)
+# retrieval.mode values the student supports: none, or fixed = the neighbours' drug sets as an input
+STUDENT_RETRIEVAL_MODES = ("none", "fixed")
+ORACLE_NOTE = ("similarity=oracle ranks neighbours by the query's own true drugs: an upper bound for "
+               "evaluation, not a model (prediction refuses this run)")
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -100,6 +107,10 @@ def validate_config(cfg: ConfigDict) -> None:
     need(int(tr.stop_after) >= 0, "train.stop_after", tr.stop_after, "must be >= 0 (0 = off)")
     need(int(cfg.eval.batch_size) >= 1, "eval.batch_size", cfg.eval.batch_size, "must be >= 1")
     need(0.0 <= cfg.eval.threshold <= 1.0, "eval.threshold", cfg.eval.threshold, "must be in [0, 1]")
+    retrieval.validate_config(cfg.retrieval, prefix="retrieval.")
+    need(cfg.retrieval.mode in STUDENT_RETRIEVAL_MODES, "retrieval.mode", cfg.retrieval.mode,
+         f"expected one of {STUDENT_RETRIEVAL_MODES} for the student (the joint re-ranker is not wired "
+         "into the student)")
 
 
 # ----------------------------------------------------------------------------------------- run folder
@@ -195,12 +206,16 @@ class StudentRun(NamedTuple):
     trainer: StudentTrainer
 
 
-def load_inputs(cfg: ConfigDict, data, store) -> tuple[dict[str, EncodedSplit], int | None]:
-    """Encoded splits (+ teacher features on train when distilling) and the teacher dimension."""
+def load_inputs(cfg: ConfigDict, data, store, out: Path | None = None
+                ) -> tuple[dict[str, EncodedSplit], int | None]:
+    """Encoded splits (+ the neighbours' drug bags with retrieval mode fixed, saved under
+    `out`/retrieval/; + teacher features on train when distilling) and the teacher dimension."""
     encs = {s: encode_samples(data.splits[s], data.vocab, cfg.model.max_visits) for s in SPLITS}
     if len(encs["train"]) == 0 or len(encs["val"]) == 0:
         raise ValueError(f"{cfg.data_dir}: the student needs non-empty train and val splits "
                          f"(train {len(encs['train'])}, val {len(encs['val'])})")
+    if cfg.retrieval.mode == "fixed":
+        attach_neighbours(encs, data, cfg.retrieval, out, save=out is not None and distributed.is_main_process())
     if not cfg.distill:
         return encs, None
     if store.n_med != len(data.vocab.med):
@@ -212,6 +227,20 @@ def load_inputs(cfg: ConfigDict, data, store) -> tuple[dict[str, EncodedSplit], 
                          f"(dataset_fingerprint {stored_fp[:12]}… != {cfg.data_dir}'s {data.fingerprint()[:12]}…)")
     attach_teacher(encs["train"], store, "train")
     return encs, store.hidden_dim
+
+
+def retrieval_summary(cfg: ConfigDict, encs: dict[str, EncodedSplit]) -> dict:
+    """run.json's record of the neighbour input: the mode, and with mode fixed the pool settings, k and
+    the samples per split whose bag is empty (no neighbour); oracle runs are labelled as an upper bound."""
+    r = cfg.retrieval
+    if r.mode == "none":
+        return {"mode": "none"}
+    out = {"mode": r.mode, "similarity": r.similarity, "k": int(r.k), "pool": int(r.pool),
+           "time_order": r.time_order, "folder": NEIGHBOUR_DIR,
+           "empty_bags": {s: int((e.nbr.sum(axis=1) == 0).sum()) for s, e in encs.items() if e.nbr is not None}}
+    if r.similarity == "oracle":
+        out.update(upper_bound=True, note=ORACLE_NOTE)
+    return out
 
 
 def train(cfg: ConfigDict, *, steps: CompiledSteps | None = None) -> StudentRun:
@@ -257,7 +286,7 @@ def _train(cfg: ConfigDict, out: Path, data, store, identity: dict, *, resume: b
     compiled_before = CompileStats.snapshot()
     first_step_s = None
     tr = cfg.train
-    encs, teacher_dim = load_inputs(cfg, data, store)
+    encs, teacher_dim = load_inputs(cfg, data, store, out)
     caps = bucket_caps(np.concatenate([e.needs for e in encs.values()]), cfg.model.bucket_levels)
     mesh = common.make_mesh(cfg)
     common.check_batch_sizes(mesh, {"train.batch_size": tr.batch_size, "eval.batch_size": cfg.eval.batch_size})
@@ -325,7 +354,7 @@ def _train(cfg: ConfigDict, out: Path, data, store, identity: dict, *, resume: b
                                "n_params_inference": n_params - (
                                    (mcfg.head_hidden + 1) * teacher_dim if teacher_dim else 0),
                                "buckets": [list(c) for c in caps], "threshold": float(cfg.eval.threshold),
-                               "checkpoint": str(ckpt_dir)}
+                               "checkpoint": str(ckpt_dir), "retrieval": retrieval_summary(cfg, encs)}
     if not finished:                                           # stopped by train.stop_after: resume later
         return StudentRun(summary, trainer)
     trainer.set_params(best_params)
@@ -368,6 +397,8 @@ def main(cfg: ConfigDict, args: list[str]) -> None:
               f"re-run to resume → {cfg.out}")
         return
     shown = {s: {k: round(v, 4) for k, v in summary[s].items()} for s in ("val", "test") if s in summary}
+    if summary["retrieval"].get("upper_bound"):
+        print(f"note: {ORACLE_NOTE}")
     print(f"student ({'KD' if cfg.distill else 'no KD'}) best epoch {summary['best_epoch']}: {shown} → {cfg.out}")
 
 

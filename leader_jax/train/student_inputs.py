@@ -4,12 +4,19 @@ Each split is encoded once with numpy (`encode_samples`). Each sample is assigne
 shape buckets (visits, codes per set) and every training batch is padded to (batch_size, bucket caps),
 so the jitted steps compile once per bucket, never per batch. Packed inference batches (real tokens
 only) are laid out by `leader_jax.train.packing` from the same `EncodedSplit`.
+
+With `retrieval.mode=fixed` every sample also gets `nbr` [n_med]: the mean multi-hot of the drugs of its
+k retrieved neighbours (training-split visits ranked by code similarity, never its own patient;
+`leader_jax.retrieval`). `attach_neighbours` builds it for the training run and saves the memory, the
+pools and the settings under RUN/retrieval/; `NeighbourInput` rebuilds it for new patients from them.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
+from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
@@ -23,7 +30,8 @@ class EncodedSplit:
 
     diag/proc/med [n, V, C]: the last `max_visits` visits, oldest first, left-aligned; `med` is the
     shifted drug stream (slot 0 empty for the profile, slot j = drugs of kept visit j-1).
-    needs [n, 4]: (kept visits, max diag / proc / drug set size) used for bucketing."""
+    needs [n, 4]: (kept visits, max diag / proc / drug set size) used for bucketing.
+    nbr [n, n_med] float32 (retrieval mode fixed only): the neighbours' drug bag (`attach_neighbours`)."""
 
     ids: np.ndarray
     diag: np.ndarray
@@ -36,6 +44,7 @@ class EncodedSplit:
     single_visit: np.ndarray
     needs: np.ndarray
     teacher: np.ndarray | None = None
+    nbr: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -209,6 +218,8 @@ def make_batch(enc: EncodedSplit, rows: np.ndarray, cap: Sequence[int], batch_si
     batch["weight"][:n] = 1.0
     if with_teacher:
         batch["teacher"] = pad(enc.teacher, enc.teacher.shape[1:])
+    if enc.nbr is not None:
+        batch["nbr"] = pad(enc.nbr, enc.nbr.shape[1:])
     return batch
 
 
@@ -267,4 +278,99 @@ def make_chunk(enc: EncodedSplit, rows: np.ndarray, cap: Sequence[int], with_tea
              "weight": valid.astype(np.float32)}
     if with_teacher:
         chunk["teacher"] = take(enc.teacher)
+    if enc.nbr is not None:
+        chunk["nbr"] = take(enc.nbr)
     return chunk
+
+
+# ------------------------------------------------------------------------ neighbours' drug sets (B2 ii)
+NEIGHBOUR_DIR = "retrieval"          # RUN/retrieval/: memory.npz, settings.json, <split>.npz pools
+NEIGHBOUR_FORMAT = "leader_jax.student.neighbours/1"
+
+
+def attach_neighbours(encs: dict[str, EncodedSplit], data, rcfg, run_dir: str | Path | None,
+                      save: bool = True) -> dict[str, int]:
+    """Retrieval mode fixed: `enc.nbr` ← `Memory.drug_bag(pools.top(k))` for every split of `encs`, the
+    pools of `rcfg.similarity` over the training-split memory (`Memory.from_prepared`; a sample never sees
+    its own patient's visits). With `save` and a `run_dir` (the main process), RUN/retrieval/ gets
+    memory.npz, each split's pools (`split_pools` reuses them when data and settings match) and
+    settings.json, which is what prediction needs. Returns the samples without any neighbour per split."""
+    from leader_jax.io import atomic_write_json
+    from leader_jax.retrieval.candidates import PoolSettings, split_pools
+    from leader_jax.retrieval.memory import Memory
+
+    save = save and run_dir is not None
+    folder = Path(run_dir) / NEIGHBOUR_DIR if save else None
+    memory = Memory.from_prepared(data)
+    settings = PoolSettings.from_config(rcfg)
+    k = int(rcfg.k)
+    if save:
+        folder.mkdir(parents=True, exist_ok=True)
+        memory.save(folder / "memory.npz")
+    empty = {}
+    for split, enc in encs.items():
+        pools = split_pools(memory, data.splits[split], settings, split, cache_dir=folder)
+        if pools.query_ids != enc.ids.tolist():
+            raise ValueError(f"the {split} pools' rows do not follow the {split} samples")
+        top = pools.top(k)
+        enc.nbr = memory.drug_bag(top, data.vocab)
+        empty[split] = int((top < 0).all(axis=1).sum())
+    if save:     # written last: its presence means the folder is complete
+        atomic_write_json(folder / "settings.json", {"format": NEIGHBOUR_FORMAT, "k": k,
+                                                      "settings": settings.to_json(),
+                                                      "fingerprint": memory.fingerprint})
+    return empty
+
+
+def query_samples(enc: EncodedSplit, vocab) -> list:
+    """One query `Sample` per row of `enc` for new patients: id = patient id = the row's id, the target
+    visit's diagnosis + procedure codes read back from the last kept visit slot, no drugs (so no oracle),
+    time "" (later than every memory visit)."""
+    from leader_jax.data.dataset import Sample, Visit
+
+    out = []
+    last = np.maximum(enc.n_visits.astype(np.int64) - 1, 0)
+    rows = np.arange(len(enc))
+    dx, px = enc.diag[rows, last], enc.proc[rows, last]              # [n, C] ids of the target visit
+    for i, pid in enumerate(enc.ids.tolist()):
+        visit = Visit(id="", time="", diagnoses=tuple(vocab.diag[j - 1] for j in dx[i] if j > 0),
+                      procedures=tuple(vocab.proc[j - 1] for j in px[i] if j > 0), medications=())
+        out.append(Sample(id=pid, patient_id=pid, visits=(visit,)))
+    return out
+
+
+class NeighbourInput:
+    """The neighbour-drug input of a finished run trained with retrieval mode fixed, for new patients:
+    the run's saved memory and pool settings (RUN/retrieval/), the pools built afresh per call."""
+
+    def __init__(self, run_dir: str | Path, vocab, fingerprint: str):
+        from leader_jax.retrieval.candidates import PoolSettings
+        from leader_jax.retrieval.memory import Memory
+
+        folder = Path(run_dir) / NEIGHBOUR_DIR
+        path = folder / "settings.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing (the run was trained with retrieval.mode=fixed, so "
+                                    f"its neighbour memory and pool settings are needed to predict)")
+        meta = json.loads(path.read_text())
+        if meta.get("format") != NEIGHBOUR_FORMAT:
+            raise ValueError(f"{path}: not a student neighbour-input file ({meta.get('format')!r})")
+        self.settings = PoolSettings(**meta["settings"])
+        if self.settings.similarity == "oracle":
+            raise ValueError(f"{path}: similarity=oracle ranks neighbours by the query's true drugs, an "
+                             "upper bound for evaluation only; such a run cannot predict for new patients")
+        self.k = int(meta["k"])
+        self.memory = Memory.load(folder / "memory.npz")
+        if self.memory.fingerprint != fingerprint or meta.get("fingerprint") != fingerprint:
+            raise ValueError(f"{folder}/memory.npz was built from prepared data {self.memory.fingerprint[:12]}…, "
+                             f"not the run's data_dir ({fingerprint[:12]}…)")
+        self.vocab = vocab
+
+    def bags(self, enc: EncodedSplit) -> np.ndarray:
+        """float32 [n, n_med]: the neighbours' drug bag of each row of `enc` (see `query_samples`)."""
+        from leader_jax.retrieval.candidates import split_pools
+
+        if not len(enc):
+            return np.zeros((0, self.vocab.n_med), np.float32)
+        pools = split_pools(self.memory, query_samples(enc, self.vocab), self.settings, "input")
+        return self.memory.drug_bag(pools.top(self.k), self.vocab)

@@ -43,8 +43,7 @@ def model_config(cfg: ConfigDict, vocab, teacher_dim: int | None) -> StudentConf
         profile_sizes=tuple(len(vocab.profile[f]) for f in profile_fields(vocab)) if m.use_profile else (),
         teacher_dim=teacher_dim, d=m.d, heads=m.heads, ffn=m.ffn, head_hidden=m.head_hidden,
         max_visits=m.max_visits, visit_position=m.visit_position, shared_embedding=bool(m.shared_embedding),
-        dropout=m.dropout,
-        attn_dropout=m.attn_dropout)
+        neighbour_input=cfg.retrieval.mode != "none", dropout=m.dropout, attn_dropout=m.attn_dropout)
 
 
 def loss_config(cfg: ConfigDict) -> LossConfig:
@@ -189,6 +188,20 @@ def compile_steps(graphdef, loss: LossConfig, lr: float, mesh, param_shardings, 
         predict_padded=jax.jit(predict_padded_step, in_shardings=(p_sh, data), out_shardings=data))
 
 
+def with_neighbours(arrays: dict, enc: EncodedSplit, rows: np.ndarray, mcfg: StudentConfig) -> dict:
+    """A packed inference batch (`packing`: per-patient arrays have the layout's batch rows, patient i
+    of the batch in row i) plus "nbr", the neighbours' drug bags of its `rows`, when the model takes
+    them (padding rows get an all-zero bag)."""
+    if not mcfg.neighbour_input:
+        return arrays
+    if enc.nbr is None:
+        raise ValueError("the student was trained with neighbour input (retrieval.mode=fixed), but these "
+                         "inputs carry no neighbours' drug bags")
+    nbr = np.zeros((arrays["profile"].shape[0], enc.nbr.shape[1]), np.float32)
+    nbr[: len(rows)] = enc.nbr[rows]
+    return {**arrays, "nbr": nbr}
+
+
 def loss_part_names(lc: LossConfig) -> tuple[str, ...]:
     """The loss parts `student_loss` returns for this loss config."""
     return ("bce", *(("kd",) if lc.distill else ()), *(("align",) if lc.align_weight else ()), "loss")
@@ -299,7 +312,8 @@ class StudentTrainer:
                 step = functools.partial(self.predict_xla_step, self.params)
                 batches = pack_batches(enc, layout)
             for packed_batch in progress(batches, **show):
-                pending.append((packed_batch.rows, step(self.put_batch(packed_batch.arrays))))
+                arrays = with_neighbours(packed_batch.arrays, enc, packed_batch.rows, self.mcfg)
+                pending.append((packed_batch.rows, step(self.put_batch(arrays))))
         else:
             buckets = assign_buckets(enc.needs, caps)
             for planned in progress(batch_plan(buckets, batch_size), **show):

@@ -16,6 +16,10 @@ then runs the frozen layers below K once per sample and trains on their cached o
 (`models.frozen_prefix`): same loss and gradients, less compute. `model.head_init` starts the head
 (`normal`, `zero`, or `probe`: a logistic probe on the frozen pooled states, `head_probe`); with `zero` and
 `probe` step 0 is scored on validation and can be the kept best step.
+
+`retrieval.mode=fixed` shows the k most similar training visits in every prompt of the run (training,
+validation, the head statistics and probe, predictions): the memory and the candidate pools are written to
+`RUN/retrieval/` (`leader_jax.retrieval.run_prompts`; docs/retrieval.md).
 """
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ from ml_collections import ConfigDict
 from leader_jax.cli import UserError
 from leader_jax.models import frozen_prefix as fp, lora
 from leader_jax.models.teacher import HeadParam, Teacher, bce_loss
+from leader_jax.retrieval import validate_config as validate_retrieval
+from leader_jax.retrieval.run_prompts import RunRetrieval, check_wired
 from leader_jax.train import common, head_probe, loop, text_batches as tdata, distributed
 from leader_jax.train.length_buckets import BucketedStream, PadStats, bucket_set, validate_buckets
 from leader_jax.train.engine import Checkpointer, Engine, place
@@ -105,18 +111,24 @@ def eval_max_len(cfg: ConfigDict) -> int:
 
 
 def encode_split(cfg: ConfigDict, prepared, split: str, tokenizer, special,
-                 training: bool | None = None) -> tdata.Encoded:
+                 training: bool | None = None, retrieval: RunRetrieval | None = None) -> tdata.Encoded:
     """Training encoding (max_len, overlong samples dropped) for the train split during training;
-    evaluation encoding (eval_max_len, nothing dropped) otherwise (predictions, feature store)."""
+    evaluation encoding (eval_max_len, nothing dropped) otherwise (predictions, feature store).
+    `retrieval` (required when `retrieval.mode` is not none): the run's neighbours go into every prompt."""
     samples = prepared.splits[split]
     if not samples:
         raise UserError(f"prepared data {cfg.data_dir}: split {split!r} is empty")
+    if (retrieval is None) != (cfg.retrieval.mode == "none"):
+        raise ValueError(f"encode_split: retrieval.mode={cfg.retrieval.mode} but retrieval="
+                         f"{'given' if retrieval is not None else 'None'}")
     is_train = (split == "train") if training is None else training
     max_len = cfg.data.max_len if is_train else eval_max_len(cfg)
     try:
+        build = None if retrieval is None else retrieval.builder(retrieval.split_pools(samples, split),
+                                                                 tokenizer, max_len)
         return tdata.encode_samples(samples, prepared.vocab, tokenizer, special, max_len,
                                     max_history=cfg.data.max_history, profile=cfg.data.profile,
-                                    labels=prepared.labels(samples), split=split,
+                                    labels=prepared.labels(samples), split=split, build_prompt=build,
                                     overlong="drop" if is_train else "error")
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -239,6 +251,8 @@ def validate_config(cfg: ConfigDict) -> None:
     if int(cfg.eval.batch_size) <= 0:
         raise UserError(f"eval.batch_size must be positive, got {cfg.eval.batch_size}")
     loop.validate_train(cfg.train)
+    validate_retrieval(cfg.retrieval, prefix="retrieval.")
+    check_wired(cfg.retrieval)
 
 
 class BestKeeper:
@@ -284,8 +298,9 @@ def train(cfg: ConfigDict) -> dict[str, Any]:
     mesh = common.make_mesh(cfg)
     tok = common.load_run_tokenizer(tokenizer_path(cfg), run)
     special = tdata.SpecialIds.from_tokenizer(tok)
-    train_enc = encode_split(cfg, prepared, "train", tok, special)
-    val_enc = encode_split(cfg, prepared, "val", tok, special)
+    retr = RunRetrieval.for_training(cfg.retrieval, prepared, run, write=distributed.is_main_process())
+    train_enc = encode_split(cfg, prepared, "train", tok, special, retrieval=retr)
+    val_enc = encode_split(cfg, prepared, "val", tok, special, retrieval=retr)
 
     tr = cfg.train
     common.check_batch_sizes(mesh, {"train.micro_batch": tr.micro_batch, "eval.batch_size": cfg.eval.batch_size})
@@ -325,7 +340,9 @@ def train(cfg: ConfigDict) -> dict[str, Any]:
             "train_dropped_overlong": len(train_enc.dropped_ids),
             "length_buckets": {"train": list(bucket_set(buckets or (), cfg.data.max_len)),
                                "eval": list(bucket_set(buckets or (), eval_max_len(cfg)))},
-            "head_init": json.loads(head_file.read_text()) if head_file.exists() else {"kind": cfg.model.head_init}}
+            "head_init": json.loads(head_file.read_text()) if head_file.exists() else {"kind": cfg.model.head_init},
+            "prompt_tokens": {"train_mean": float(train_enc.lengths.mean()), "val_mean": float(val_enc.lengths.mean())},
+            "retrieval": retr.info() if retr is not None else {"mode": "none"}}
 
     def validate(done: int) -> dict | None:
         if not tr.eval_every or (done % tr.eval_every and done != tr.steps):
@@ -357,7 +374,7 @@ def train(cfg: ConfigDict) -> dict[str, Any]:
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), engine.trainable))
         engine.trainable = tr_best
     finish(cfg, engine, prepared, tok, special, run, summary, buckets=buckets, stats=stats,
-           cached={"val": cached("val")} if k else None)
+           cached={"val": cached("val")} if k else None, retrieval=retr)
     return summary
 
 
@@ -369,7 +386,8 @@ def run_costs(engine: Engine, stats: dict[str, PadStats]) -> dict[str, Any]:
 
 
 def finish(cfg, engine: Engine, prepared, tok, special, run: Path, summary: dict, *, buckets=None,
-           stats: dict[str, PadStats] | None = None, cached: dict[str, dict] | None = None) -> None:
+           stats: dict[str, PadStats] | None = None, cached: dict[str, dict] | None = None,
+           retrieval: RunRetrieval | None = None) -> None:
     """Export the adapters and head, write the predictions of `eval.splits` (a split in `cached` runs on
     its frozen-prefix cache: the same values, computed from the cached activations), run.json, summary."""
     host = distributed.host_copy(engine.trainable)           # collective: every process calls it
@@ -388,7 +406,7 @@ def finish(cfg, engine: Engine, prepared, tok, special, run: Path, summary: dict
     from leader_jax.eval import write_predictions
 
     for split in cfg.eval.splits:
-        enc = encode_split(cfg, prepared, split, tok, special)
+        enc = encode_split(cfg, prepared, split, tok, special, retrieval=retrieval)
         probs, _ = predict_split(engine, enc, int(cfg.eval.batch_size), desc=split, buckets=buckets,
                                  stats=(stats or {}).get("eval"), **(cached or {}).get(split, {}))
         if distributed.is_main_process():
