@@ -313,6 +313,28 @@ def test_steps_of_another_structure_are_refused(data, run_a):
                           steps=res.trainer.steps)
 
 
+def test_first_step_alone_then_the_rest_of_its_chunk_equals_the_whole_chunk(data, store, run_a):
+    """The CLI runs a run's first optimizer step on its own (to time its end) and the rest of that chunk
+    after `after_first_step`: same parameters, optimizer state and loss sums as one dispatch of the chunk."""
+    cfg, res, _ = run_a
+    encs, _ = ts.load_inputs(cfg, data, FeatureStore(store))
+    caps = [tuple(c) for c in res.summary["buckets"]]
+    chunk = max(si.chunk_plan(si.assign_buckets(encs["train"].needs, caps), cfg.train.batch_size,
+                              cfg.train.steps_per_call, np.random.default_rng(0)), key=lambda c: c.steps)
+    assert chunk.steps >= 3
+    arrays = si.make_chunk(encs["train"], chunk.rows, caps[chunk.bucket], with_teacher=True)
+    trainers = [st.StudentTrainer(st.model_config(cfg, data.vocab, TEACHER_DIM), st.loss_config(cfg),
+                                  lr=cfg.train.lr, seed=1, steps=res.trainer.steps) for _ in range(2)]
+    whole = trainers[0].train_chunk(arrays, chunk.steps)
+    split = [trainers[1].train_chunk(arrays, 1), trainers[1].train_chunk(si.after_first_step(arrays), chunk.steps - 1)]
+    assert trainers[0].step == trainers[1].step == chunk.steps
+    for a, b in zip(jax.tree.leaves(jax.device_get((trainers[0].params, trainers[0].opt_state))),
+                    jax.tree.leaves(jax.device_get((trainers[1].params, trainers[1].opt_state))), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for name, total in jax.device_get(whole).items():
+        np.testing.assert_allclose(sum(float(p[name]) for p in jax.device_get(split)), total, rtol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------- resume
 @pytest.fixture(scope="module")
 def interrupted(prepared_synthetic, store, run_a, tmp_path_factory):

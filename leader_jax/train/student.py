@@ -35,8 +35,9 @@ from leader_jax.io import JsonlLogger, atomic_write_json, atomic_write_text, pro
 from leader_jax.models.student import ALIGN_LOSSES, VISIT_POSITIONS
 from leader_jax.train import common, distributed
 from leader_jax.train.engine import Checkpointer
-from leader_jax.train.student_inputs import (NEIGHBOUR_DIR, SPLITS, EncodedSplit, assign_buckets, attach_neighbours,
-                                             attach_teacher, bucket_caps, chunk_plan, encode_samples, make_chunk)
+from leader_jax.train.student_inputs import (NEIGHBOUR_DIR, SPLITS, EncodedSplit, after_first_step, assign_buckets,
+                                             attach_neighbours, attach_teacher, bucket_caps, chunk_plan,
+                                             encode_samples, make_chunk)
 from leader_jax.train.student_trainer import (KERNEL_MODES, MODEL_KIND, CompiledSteps, StudentTrainer, loss_config,
                                               model_config, restore_state, save_state, split_metrics)
 
@@ -322,11 +323,16 @@ def _train(cfg: ConfigDict, out: Path, data, store, identity: dict, *, resume: b
         for chunk in progress(chunk_plan(train_buckets, tr.batch_size, tr.steps_per_call, rng),
                               desc=f"epoch {epoch}", unit="chunk"):
             arrays = make_chunk(encs["train"], chunk.rows, caps[chunk.bucket], with_teacher=bool(cfg.distill))
-            sums.append(trainer.train_chunk(arrays, chunk.steps))
-            if first_step_s is None:
-                jax.block_until_ready(sums[-1])
-                first_step_s = time.perf_counter() - t_start
-                launch_s, launch_clock = seconds_since_launch()
+            # a fresh run dispatches its very first optimizer step alone, so that step's end is observed
+            parts = ([(arrays, chunk.steps)] if trainer.step else
+                     [(arrays, 1), (after_first_step(arrays), chunk.steps - 1)])
+            for part, steps in parts:
+                if steps:
+                    sums.append(trainer.train_chunk(part, steps))
+                if first_step_s is None:
+                    jax.block_until_ready(sums[-1])
+                    first_step_s = time.perf_counter() - t_start
+                    launch_s, launch_clock = seconds_since_launch()
         host = jax.device_get(sums)                            # the epoch's only read-back of train metrics
         total = {k: float(np.sum([h[k] for h in host], dtype=np.float64)) for k in host[0]}
         train_parts = {f"train_{k}": v / total["n"] for k, v in total.items() if k != "n"}

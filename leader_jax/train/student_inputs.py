@@ -283,6 +283,12 @@ def make_chunk(enc: EncodedSplit, rows: np.ndarray, cap: Sequence[int], with_tea
     return chunk
 
 
+def after_first_step(chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A `make_chunk` stack whose first step has been run on its own: batch k+1 becomes batch k (the old
+    first batch moves to the last slot, which the remaining `steps - 1` steps never reach)."""
+    return {k: np.roll(v, -1, axis=0) for k, v in chunk.items()}
+
+
 # ------------------------------------------------------------------------ neighbours' drug sets (B2 ii)
 NEIGHBOUR_DIR = "retrieval"          # RUN/retrieval/: memory.npz, settings.json, <split>.npz pools
 NEIGHBOUR_FORMAT = "leader_jax.student.neighbours/1"
