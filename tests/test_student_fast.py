@@ -13,6 +13,7 @@ from leader_jax import compile_cache
 from leader_jax.cli import UserError
 from leader_jax.data.dataset import PreparedData
 from leader_jax.models.student import Dropout
+from leader_jax.train import exported
 from leader_jax.train import student as ts
 from leader_jax.train import student_inputs as si
 
@@ -113,3 +114,59 @@ def test_two_bucket_run_counts_its_compiles_and_a_rerun_hits_the_cache(prepared_
     assert c2["cache_misses"] == 0 and c2["cache_hits"] >= 3 and c2["by_function"]["jit(train_chunk)"] == 2
     assert sorted(p.name for p in cache_dir.iterdir()) == files            # nothing new written
     assert second["val"] == first["val"]                                    # the cached programs compute the same
+    # the training loops' traced programs: written once per bucket by the first run, read by the second
+    assert c1["exported_programs"] == {"loaded": 0, "traced": 2}
+    assert c2["exported_programs"] == {"loaded": 2, "traced": 0}
+    assert len(list(exported.exported_dir().iterdir())) == 2
+    # and the plain jitted path (compilation cache off) computes exactly the same run
+    assert compile_cache.enable() is None                                   # the session's setting: off
+    third = ts.train(_cfg(prepared_synthetic, tmp_path / "c")).summary
+    assert third["compile"]["exported_programs"] == {"loaded": 0, "traced": 0}
+    assert third["val"] == first["val"] and third["test"] == first["test"]
+
+
+def test_exported_program_is_keyed_by_its_inputs_and_a_damaged_file_is_traced_again(cache_dir, caplog):
+    """ExportedJit on a small sharded, donating function: equal to the jitted function; a new object (a new
+    process) reads the program instead of tracing; another key, another input shape or a changed module
+    source gives another file; a damaged file is traced again and rewritten, with a warning."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    rows, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+
+    def step(w, x, scale):
+        return {"w": w["w"] - scale * x.sum(0)}, x.mean()
+
+    def make(key="k", modules=("leader_jax.train.exported",)):
+        jitted = jax.jit(step, in_shardings=({"w": rep}, rows, rep), out_shardings=({"w": rep}, rep),
+                         donate_argnums=(0,))
+        return exported.ExportedJit(jitted, step, name="step", key=key, modules=modules, donate_argnums=(0,),
+                                    shardings=lambda w, x, s: (({"w": rep}, rows, rep), ({"w": rep}, rep)))
+
+    def args(n=16):
+        x = jax.device_put(np.arange(n * 3, dtype=np.float32).reshape(n, 3), rows)
+        return {"w": jax.device_put(np.ones(3, np.float32), rep)}, x, np.float32(0.5)
+
+    want = jax.device_get(jax.jit(step)(*args()))
+    first = make()
+    got = first(*args())
+    np.testing.assert_array_equal(got[0]["w"], want[0]["w"])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert got[0]["w"].sharding == rep and (first.traced, first.loaded, first.cache_size()) == (1, 0, 1)
+    folder = exported.exported_dir()
+    assert folder == cache_dir.with_name("xla_exported") and oct(folder.stat().st_mode & 0o777) == "0o700"
+    [path] = folder.iterdir()
+    again = make()
+    np.testing.assert_array_equal(again(*args())[0]["w"], want[0]["w"])
+    assert (again.traced, again.loaded) == (0, 1)
+    make(key="other")(*args())                                       # another structure key
+    make()(*args(n=24))                                              # another input shape
+    exported.source_digest.cache_clear()
+    make(modules=("leader_jax.train.exported", "leader_jax.sharding"))(*args())   # other defining sources
+    assert len(list(folder.iterdir())) == 4
+    path.write_bytes(b"not a program")
+    damaged = make()
+    with caplog.at_level("WARNING", logger="leader_jax.train.exported"):
+        np.testing.assert_array_equal(damaged(*args())[0]["w"], want[0]["w"])
+    assert (damaged.traced, damaged.loaded) == (1, 0) and "is unreadable" in caplog.text
+    assert path.read_bytes() != b"not a program"

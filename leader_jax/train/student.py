@@ -376,7 +376,9 @@ def _train(cfg: ConfigDict, out: Path, data, store, identity: dict, *, resume: b
                               single_visit=enc.single_visit, data_fingerprint=data.fingerprint())
         summary[split] = split_metrics(enc.labels, probs, cfg.eval.threshold)
     summary["compile_counts"] = trainer.compile_counts()
-    summary["compile"] = {**CompileStats.since(compiled_before), "persistent_cache": str(active_dir() or "")}
+    chunk_fn = trainer.steps.train_chunk                       # traced training loops kept across runs
+    summary["compile"] = {**CompileStats.since(compiled_before), "persistent_cache": str(active_dir() or ""),
+                          "exported_programs": {"loaded": chunk_fn.loaded, "traced": chunk_fn.traced}}
     summary["seconds_to_first_step"] = None if first_step_s is None else round(first_step_s, 2)
     if first_step_s is not None:     # from process launch (interpreter start, imports, data loading included)
         summary["seconds_from_launch_to_first_step"] = round(launch_s, 2)

@@ -28,11 +28,14 @@ from leader_jax import sharding
 from leader_jax.io import progress
 from leader_jax.models.student import LossConfig, StudentConfig, init_student, student_loss
 from leader_jax.train.engine import Checkpointer
+from leader_jax.train.exported import ExportedJit
 from leader_jax.train.packing import FlatLayout, PackLayout, flat_layout, pack_batches, pack_flat, pack_layout
 from leader_jax.train.student_inputs import EncodedSplit, assign_buckets, batch_plan, make_batch, profile_fields
 
 KERNEL_MODES = ("auto", "on", "off")
 MODEL_KIND = "student"        # run.json "model" and checkpoint meta "model" of every student run
+# the modules whose source defines the training loop (its exported program is keyed by them)
+EXPORT_SOURCES = ("leader_jax.models.student", "leader_jax.train.student_trainer", "leader_jax.sharding")
 
 
 def model_config(cfg: ConfigDict, vocab, teacher_dim: int | None) -> StudentConfig:
@@ -180,8 +183,14 @@ def compile_steps(graphdef, loss: LossConfig, lr: float, mesh, param_shardings, 
         batch_sharding=data, tx=tx, chunk_sharding=stacked,
         train=jax.jit(train_step, donate_argnums=(0, 1), in_shardings=(p_sh, o_sh, data, rep),
                       out_shardings=(p_sh, o_sh, rep)),
-        train_chunk=jax.jit(train_chunk, donate_argnums=(0, 1), in_shardings=(p_sh, o_sh, stacked, rep, rep, rep),
-                            out_shardings=(p_sh, o_sh, rep)),
+        train_chunk=ExportedJit(
+            jax.jit(train_chunk, donate_argnums=(0, 1), in_shardings=(p_sh, o_sh, stacked, rep, rep, rep),
+                    out_shardings=(p_sh, o_sh, rep)),
+            train_chunk, name="train_chunk", donate_argnums=(0, 1), modules=EXPORT_SOURCES,
+            key=f"{graphdef}|{loss}|lr={float(lr)}|{mesh}",
+            shardings=lambda params, opt_state, chunk, *scalars: (
+                (p_sh, o_sh, {k: stacked for k in chunk}, *(rep for _ in scalars)),
+                (p_sh, o_sh, {name: rep for name in ("n", *loss_part_names(loss))}))),
         predict_packed=jax.jit(predict_packed_step, in_shardings=(p_sh, data), out_shardings=data),
         tables=jax.jit(tables_step, in_shardings=(p_sh,), out_shardings=rep),
         predict_flat=jax.jit(predict_flat_step, in_shardings=(p_sh, rep, data), out_shardings=data),
@@ -326,7 +335,7 @@ class StudentTrainer:
     def compile_counts(self) -> dict[str, int]:
         """Executables compiled so far per step (jit's private `_cache_size`; -1 if a jax lacks it)."""
         size = lambda f: int(f._cache_size()) if hasattr(f, "_cache_size") else -1  # noqa: E731
-        return {"train_step": size(self.train_step) + size(self.train_chunk_step),
+        return {"train_step": size(self.train_step) + self.train_chunk_step.cache_size(),
                 "predict_step": size(self.predict_kernel_step if self.kernel else self.predict_xla_step)}
 
     def host_params(self):
