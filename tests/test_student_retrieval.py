@@ -6,7 +6,6 @@ outputs exactly); resuming with another `retrieval.k` is refused; the Recommende
 new patients from RUN/retrieval/ and reproduces the run's own validation predictions; joint and oracle
 are refused where they cannot be used."""
 import json
-import shutil
 
 import jax
 import numpy as np
@@ -20,6 +19,7 @@ from leader_jax.models.student import build_student
 from leader_jax.patient_input import sample_to_patient
 from leader_jax.retrieval.candidates import PoolSettings, load_pools
 from leader_jax.retrieval.memory import Memory
+from leader_jax.retrieval.run_prompts import RunRetrieval
 from leader_jax.train import student as ts
 from leader_jax.train import student_inputs as si
 from leader_jax.train import student_trainer as st
@@ -56,7 +56,8 @@ def encs(data, run, prepared_synthetic):
     """The encoded splits with the bags exactly as the run built them (pools read back from RUN/retrieval)."""
     cfg = _cfg(prepared_synthetic, run)
     e = {s: si.encode_samples(data.splits[s], data.vocab, cfg.model.max_visits) for s in si.SPLITS}
-    si.attach_neighbours(e, data, cfg.retrieval, run, save=False)
+    si.attach_neighbours(e, data, RunRetrieval.for_run(cfg.retrieval, run, data.vocab, fingerprint=data.fingerprint(),
+                                                    write=True))
     return e
 
 
@@ -152,10 +153,8 @@ def test_joint_and_oracle_are_refused_where_unusable(data, run, tmp_path):
     cfg = load_config("student.py", {"retrieval": dict(mode="joint")})
     with pytest.raises(UserError, match=r"retrieval.mode='joint'"):
         ts.validate_config(cfg)
-    shutil.copytree(run / "retrieval", tmp_path / "retrieval")
-    path = tmp_path / "retrieval" / "settings.json"
-    meta = json.loads(path.read_text())
-    meta["settings"]["similarity"] = "oracle"
-    path.write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="upper bound"):
-        si.NeighbourInput(tmp_path, data.vocab, data.fingerprint())
+    oracle = _cfg(run.parent, run, similarity="oracle").retrieval      # new patients have no known drugs
+    retrieval = RunRetrieval.for_run(oracle, run, data.vocab, fingerprint=data.fingerprint())
+    enc = si.encode_samples(data.splits["val"][:3], data.vocab)
+    with pytest.raises(UserError, match="upper bound"):
+        si.neighbour_bags(retrieval, enc, data.vocab)

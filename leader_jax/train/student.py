@@ -35,9 +35,9 @@ from leader_jax.io import JsonlLogger, atomic_write_json, atomic_write_text, pro
 from leader_jax.models.student import ALIGN_LOSSES, VISIT_POSITIONS
 from leader_jax.train import common, distributed
 from leader_jax.train.engine import Checkpointer
-from leader_jax.train.student_inputs import (NEIGHBOUR_DIR, SPLITS, EncodedSplit, after_first_step, assign_buckets,
-                                             attach_neighbours, attach_teacher, bucket_caps, chunk_plan,
-                                             encode_samples, make_chunk)
+from leader_jax.retrieval.run_prompts import RETRIEVAL_DIR, RunRetrieval
+from leader_jax.train.student_inputs import (SPLITS, EncodedSplit, after_first_step, assign_buckets, attach_neighbours,
+                                             attach_teacher, bucket_caps, chunk_plan, encode_samples, make_chunk)
 from leader_jax.train.student_trainer import (KERNEL_MODES, MODEL_KIND, CompiledSteps, StudentTrainer, loss_config,
                                               model_config, restore_state, save_state, split_metrics)
 
@@ -66,7 +66,7 @@ OTHER_RUN_FILES = {"vocab.json": "prepared data", "samples.jsonl": "prepared dat
                    "summary.json": "a teacher or stage-1 run", "base": "a stage-1 run",
                    "domain_adapter": "a stage-1 run"}
 # What a student run writes (and, with train.resume=False, replaces).
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "predictions", NEIGHBOUR_DIR)
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "predictions", RETRIEVAL_DIR)
 # retrieval.mode values the student supports: none, or fixed = the neighbours' drug sets as an input
 STUDENT_RETRIEVAL_MODES = ("none", "fixed")
 ORACLE_NOTE = ("similarity=oracle ranks neighbours by the query's own true drugs: an upper bound for "
@@ -216,7 +216,9 @@ def load_inputs(cfg: ConfigDict, data, store, out: Path | None = None
         raise ValueError(f"{cfg.data_dir}: the student needs non-empty train and val splits "
                          f"(train {len(encs['train'])}, val {len(encs['val'])})")
     if cfg.retrieval.mode == "fixed":
-        attach_neighbours(encs, data, cfg.retrieval, out, save=out is not None and distributed.is_main_process())
+        retrieval = RunRetrieval.for_training(cfg.retrieval, data, out,
+                                              write=out is not None and distributed.is_main_process())
+        attach_neighbours(encs, data, retrieval)
     if not cfg.distill:
         return encs, None
     if store.n_med != len(data.vocab.med):
@@ -237,7 +239,7 @@ def retrieval_summary(cfg: ConfigDict, encs: dict[str, EncodedSplit]) -> dict:
     if r.mode == "none":
         return {"mode": "none"}
     out = {"mode": r.mode, "similarity": r.similarity, "k": int(r.k), "pool": int(r.pool),
-           "time_order": r.time_order, "folder": NEIGHBOUR_DIR,
+           "time_order": r.time_order, "folder": RETRIEVAL_DIR,
            "empty_bags": {s: int((e.nbr.sum(axis=1) == 0).sum()) for s, e in encs.items() if e.nbr is not None}}
     if r.similarity == "oracle":
         out.update(upper_bound=True, note=ORACLE_NOTE)

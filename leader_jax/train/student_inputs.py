@@ -7,16 +7,14 @@ only) are laid out by `leader_jax.train.packing` from the same `EncodedSplit`.
 
 With `retrieval.mode=fixed` every sample also gets `nbr` [n_med]: the mean multi-hot of the drugs of its
 k retrieved neighbours (training-split visits ranked by code similarity, never its own patient;
-`leader_jax.retrieval`). `attach_neighbours` builds it for the training run and saves the memory, the
-pools and the settings under RUN/retrieval/; `NeighbourInput` rebuilds it for new patients from them.
+`leader_jax.retrieval`): `attach_neighbours` builds it from the run's `RunRetrieval` (memory and pools under
+RUN/retrieval/, as for the teacher), `neighbour_bags` for new patients.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
-from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
@@ -290,41 +288,19 @@ def after_first_step(chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 # ------------------------------------------------------------------------ neighbours' drug sets (B2 ii)
-NEIGHBOUR_DIR = "retrieval"          # RUN/retrieval/: memory.npz, settings.json, <split>.npz pools
-NEIGHBOUR_FORMAT = "leader_jax.student.neighbours/1"
-
-
-def attach_neighbours(encs: dict[str, EncodedSplit], data, rcfg, run_dir: str | Path | None,
-                      save: bool = True) -> dict[str, int]:
-    """Retrieval mode fixed: `enc.nbr` ← `Memory.drug_bag(pools.top(k))` for every split of `encs`, the
-    pools of `rcfg.similarity` over the training-split memory (`Memory.from_prepared`; a sample never sees
-    its own patient's visits). With `save` and a `run_dir` (the main process), RUN/retrieval/ gets
-    memory.npz, each split's pools (`split_pools` reuses them when data and settings match) and
-    settings.json, which is what prediction needs. Returns the samples without any neighbour per split."""
-    from leader_jax.io import atomic_write_json
-    from leader_jax.retrieval.candidates import PoolSettings, split_pools
-    from leader_jax.retrieval.memory import Memory
-
-    save = save and run_dir is not None
-    folder = Path(run_dir) / NEIGHBOUR_DIR if save else None
-    memory = Memory.from_prepared(data)
-    settings = PoolSettings.from_config(rcfg)
-    k = int(rcfg.k)
-    if save:
-        folder.mkdir(parents=True, exist_ok=True)
-        memory.save(folder / "memory.npz")
+def attach_neighbours(encs: dict[str, EncodedSplit], data, retrieval) -> dict[str, int]:
+    """Retrieval mode fixed: `enc.nbr` <- `Memory.drug_bag(pools.top(k))` for every split of `encs`, with the
+    pools of the run's `RunRetrieval` (the training-split memory; a sample never sees its own patient's
+    visits; RUN/retrieval/<split>.npz reused when data and settings match). Returns, per split, the number
+    of samples without any neighbour."""
     empty = {}
     for split, enc in encs.items():
-        pools = split_pools(memory, data.splits[split], settings, split, cache_dir=folder)
+        pools = retrieval.split_pools(data.splits[split], split)
         if pools.query_ids != enc.ids.tolist():
             raise ValueError(f"the {split} pools' rows do not follow the {split} samples")
-        top = pools.top(k)
-        enc.nbr = memory.drug_bag(top, data.vocab)
+        top = pools.top(retrieval.k)
+        enc.nbr = retrieval.memory.drug_bag(top, data.vocab)
         empty[split] = int((top < 0).all(axis=1).sum())
-    if save:     # written last: its presence means the folder is complete
-        atomic_write_json(folder / "settings.json", {"format": NEIGHBOUR_FORMAT, "k": k,
-                                                      "settings": settings.to_json(),
-                                                      "fingerprint": memory.fingerprint})
     return empty
 
 
@@ -345,38 +321,9 @@ def query_samples(enc: EncodedSplit, vocab) -> list:
     return out
 
 
-class NeighbourInput:
-    """The neighbour-drug input of a finished run trained with retrieval mode fixed, for new patients:
-    the run's saved memory and pool settings (RUN/retrieval/), the pools built afresh per call."""
-
-    def __init__(self, run_dir: str | Path, vocab, fingerprint: str):
-        from leader_jax.retrieval.candidates import PoolSettings
-        from leader_jax.retrieval.memory import Memory
-
-        folder = Path(run_dir) / NEIGHBOUR_DIR
-        path = folder / "settings.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing (the run was trained with retrieval.mode=fixed, so "
-                                    f"its neighbour memory and pool settings are needed to predict)")
-        meta = json.loads(path.read_text())
-        if meta.get("format") != NEIGHBOUR_FORMAT:
-            raise ValueError(f"{path}: not a student neighbour-input file ({meta.get('format')!r})")
-        self.settings = PoolSettings(**meta["settings"])
-        if self.settings.similarity == "oracle":
-            raise ValueError(f"{path}: similarity=oracle ranks neighbours by the query's true drugs, an "
-                             "upper bound for evaluation only; such a run cannot predict for new patients")
-        self.k = int(meta["k"])
-        self.memory = Memory.load(folder / "memory.npz")
-        if self.memory.fingerprint != fingerprint or meta.get("fingerprint") != fingerprint:
-            raise ValueError(f"{folder}/memory.npz was built from prepared data {self.memory.fingerprint[:12]}…, "
-                             f"not the run's data_dir ({fingerprint[:12]}…)")
-        self.vocab = vocab
-
-    def bags(self, enc: EncodedSplit) -> np.ndarray:
-        """float32 [n, n_med]: the neighbours' drug bag of each row of `enc` (see `query_samples`)."""
-        from leader_jax.retrieval.candidates import split_pools
-
-        if not len(enc):
-            return np.zeros((0, self.vocab.n_med), np.float32)
-        pools = split_pools(self.memory, query_samples(enc, self.vocab), self.settings, "input")
-        return self.memory.drug_bag(pools.top(self.k), self.vocab)
+def neighbour_bags(retrieval, enc: EncodedSplit, vocab) -> np.ndarray:
+    """float32 [n, n_med]: the neighbours' drug bags of new patients (the rows of `enc`, see `query_samples`),
+    their pools built afresh from the run's saved memory and settings (`RunRetrieval.input_pools`)."""
+    if not len(enc):
+        return np.zeros((0, vocab.n_med), np.float32)
+    return retrieval.memory.drug_bag(retrieval.input_pools(query_samples(enc, vocab)).top(retrieval.k), vocab)
