@@ -47,3 +47,32 @@ def prepared_eicu(tmp_path_factory):
     out = tmp_path_factory.mktemp("eicu") / "prepared"
     prepare_to(out, dataset="eicu")
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(prepared_synthetic, tmp_path_factory):
+    """The tiny teachers' tokenizer: a 400-token BPE trained on the synthetic training prompts (max_history
+    1); returns its folder."""
+    from leader_jax.data.dataset import PreparedData
+    from leader_jax.data.prompts import build_prompt
+    from leader_jax.train.pretrain import train_tokenizer
+
+    data = PreparedData.load(prepared_synthetic)
+    out = tmp_path_factory.mktemp("tiny_tokenizer") / "tok"
+    train_tokenizer([build_prompt(s, data.vocab, max_history=1) for s in data.splits["train"]], 400, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_run(prepared_synthetic, tiny_tokenizer, tmp_path_factory):
+    """One tiny teacher run shared by the feature-store and teacher-resume tests (trained once per session):
+    `test_teacher.shared_run_cfg` (head_norm, mesh (2,2,2), 10 steps, validation every 5 steps, validation
+    predictions). Returns (its config, run folder, summary dict). Read it only; copy it before changing it."""
+    from pathlib import Path
+
+    from test_teacher import shared_run_cfg
+    from leader_jax.train.teacher import train
+
+    cfg = shared_run_cfg((tmp_path_factory.mktemp("tiny_teacher"), prepared_synthetic, tiny_tokenizer), "run")
+    summary = train(cfg)
+    return cfg, Path(cfg.out), summary

@@ -10,32 +10,14 @@ from leader_jax.feature_store import FeatureStore, MissingFeaturesError
 
 
 @pytest.fixture(scope="module")
-def teacher_run(prepared_synthetic, tmp_path_factory):
-    from configs.teacher_tiny import get_config
+def teacher_run(tiny_teacher_run, prepared_synthetic, tmp_path_factory):
+    """(folder for this module's stores, the teacher run folder, the prepared data). The teacher is the
+    session's shared tiny run (conftest `tiny_teacher_run`: head_norm, mesh (2,2,2), 10 steps, validation
+    every 5 steps, validation predictions), read only."""
     from leader_jax.data.dataset import PreparedData
-    from leader_jax.data.prompts import build_prompt
-    from leader_jax.train.pretrain import train_tokenizer
-    from leader_jax.train.teacher import train
 
-    root = tmp_path_factory.mktemp("features")
-    data = PreparedData.load(prepared_synthetic)
-    train_tokenizer([build_prompt(s, data.vocab, max_history=1) for s in data.splits["train"]], 400, root / "tok")
-    # the same model/optimizer/mesh/shapes as tests/test_teacher.py, so a session compiles the step once
-    c = get_config()
-    c.out, c.data_dir, c.tokenizer = str(root / "run"), str(prepared_synthetic), str(root / "tok")
-    c.mesh = (2, 2, 2)
-    c.model.source = "scratch"
-    c.model.arch.update(dict(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2))
-    c.data.update(dict(max_len=160, eval_max_len=256, max_history=1))
-    c.lora.task.rank = 4
-    c.train.update(dict(steps=10, micro_batch=8, accum=2, eval_every=5, ckpt_every=5))
-    c.train.optim.lr = 1e-2
-    c.train.optim.warmup_steps = 2
-    c.eval.batch_size = 8
-    c.eval.splits = ("val",)
-    train(c)
-    return root, data
+    _, run, _ = tiny_teacher_run
+    return tmp_path_factory.mktemp("features"), run, PreparedData.load(prepared_synthetic)
 
 
 def _cfg(run, out, **kw):
@@ -53,18 +35,18 @@ def _cfg(run, out, **kw):
 def stores(teacher_run):
     from leader_jax.train.extract_features import extract
 
-    root, _ = teacher_run
-    first = extract(_cfg(root / "run", root / "resumed", stop_after_shards=3))
+    root, run, _ = teacher_run
+    first = extract(_cfg(run, root / "resumed", stop_after_shards=3))
     with pytest.raises(ValueError, match="incomplete"):
         FeatureStore(root / "resumed")
-    second = extract(_cfg(root / "run", root / "resumed"))
-    straight = extract(_cfg(root / "run", root / "straight"))
+    second = extract(_cfg(run, root / "resumed"))
+    straight = extract(_cfg(run, root / "straight"))
     return root, first, second, straight
 
 
 def test_store_covers_every_split_and_resumes(stores, teacher_run):
     root, first, second, straight = stores
-    _, data = teacher_run
+    _, run, data = teacher_run
     assert first["interrupted"] and not second["interrupted"]
     assert second["counts"]["train"]["skipped_done"] == 48          # 3 shards of 16 kept from the first run
     s, t = FeatureStore(root / "resumed"), FeatureStore(root / "straight")
@@ -77,7 +59,7 @@ def test_store_covers_every_split_and_resumes(stores, teacher_run):
         np.testing.assert_array_equal(s.probs(split, ids), t.probs(split, ids))
     m = s.manifest
     assert m["meta"]["dataset_fingerprint"] == data.fingerprint()
-    best_step = json.loads((root / "run" / "run.json").read_text())["best_step"]
+    best_step = json.loads((run / "run.json").read_text())["best_step"]
     assert best_step in (5, 10) and m["meta"]["teacher_checkpoint"]["step"] == best_step
     assert len(m["meta"]["teacher_checkpoint"]["params_sha256"]) == 64
     assert m["hidden_dim"] == 32 and m["n_med"] == data.vocab.n_med
@@ -93,12 +75,12 @@ def test_store_matches_teacher_outputs(stores, teacher_run):
     from flax import nnx
 
     root, *_ = stores
-    _, data = teacher_run
+    _, run, data = teacher_run
     store = FeatureStore(root / "resumed")
-    pred = load_npz(root / "run" / "predictions" / "val.npz")
+    pred = load_npz(run / "predictions" / "val.npz")
     np.testing.assert_allclose(store.probs("val", pred["ids"].tolist()), pred["y_prob"], rtol=1e-5, atol=1e-6)
     # eager forward of the restored teacher on two validation samples, no jit, no sharding
-    tcfg, ckpt, info = load_teacher_run(root / "run", "best", (1, 1, 1))
+    tcfg, ckpt, info = load_teacher_run(run, "best", (1, 1, 1))
     mesh = common.make_mesh(tcfg)
     teacher = build_teacher(tcfg, data.vocab.n_med, mesh)
     from leader_jax.models import lora

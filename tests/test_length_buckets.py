@@ -95,6 +95,7 @@ def test_two_bucket_run_reports_compiles_and_padding(bucketed):
 
 def test_bucketed_predictions_and_loss_equal_the_padded_path(bucketed):
     import optax
+    from flax import nnx
 
     from leader_jax.train import common, loop
     from leader_jax.train.engine import Engine
@@ -118,11 +119,12 @@ def test_bucketed_predictions_and_loss_equal_the_padded_path(bucketed):
     rows = np.argsort(enc["train"].lengths)[:8]
     t = int(enc["train"].lengths[rows].max())
     model = eng.model()
+    jit_loss = nnx.jit(lambda m, b: teacher_loss(m, b)[0])   # one compile per width (eager: one per op)
 
     def loss(width):
         ids = enc["train"].ids[rows][:, :width]
         mask = (np.arange(width)[None] < enc["train"].lengths[rows][:, None]).astype(np.int32)
-        return float(teacher_loss(model, {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask),
-                                          "labels": jnp.asarray(enc["train"].labels[rows])})[0])
+        return float(jit_loss(model, {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask),
+                                      "labels": jnp.asarray(enc["train"].labels[rows])}))
 
     assert loss(t) == pytest.approx(loss(cfg.data.max_len), abs=1e-5)

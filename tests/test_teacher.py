@@ -13,22 +13,15 @@ N_STEPS = 10
 
 
 @pytest.fixture(scope="module")
-def setup(prepared_synthetic, tmp_path_factory):
-    from leader_jax.data.dataset import PreparedData
-    from leader_jax.data.prompts import build_prompt
-    from leader_jax.train.pretrain import train_tokenizer
-
-    root = tmp_path_factory.mktemp("teacher")
-    data = PreparedData.load(prepared_synthetic)
-    texts = [build_prompt(s, data.vocab, max_history=1) for s in data.splits["train"]]
-    train_tokenizer(texts, 400, root / "tok")
-    return root, prepared_synthetic
+def setup(prepared_synthetic, tiny_tokenizer, tmp_path_factory):
+    """(this module's run root, prepared data folder, the session's tiny tokenizer)."""
+    return tmp_path_factory.mktemp("teacher"), prepared_synthetic, tiny_tokenizer
 
 
 def make_cfg(setup, name, mesh, **train):
     from configs.teacher_tiny import get_config
 
-    root, data_dir = setup
+    root, data_dir, tokenizer = setup
     c = get_config()
     c.out = str(root / name)
     c.data_dir = str(data_dir)
@@ -40,7 +33,7 @@ def make_cfg(setup, name, mesh, **train):
     c.model.head_norm = False
     c.model.arch.update(dict(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2))
-    c.tokenizer = str(root / "tok")
+    c.tokenizer = str(tokenizer)
     c.data.max_len = 160
     c.data.eval_max_len = 256
     c.data.max_history = 1
@@ -55,6 +48,15 @@ def make_cfg(setup, name, mesh, **train):
     c.eval.batch_size = 8
     c.eval.splits = ()
     c.train.update(train)
+    return c
+
+
+def shared_run_cfg(setup, name):
+    """The config of the session's shared run (conftest `tiny_teacher_run`): make_cfg's model with head_norm
+    on mesh (2,2,2), validation every 5 steps (best step kept), validation predictions."""
+    c = make_cfg(setup, name, (2, 2, 2), eval_every=5)
+    c.model.head_norm = True
+    c.eval.splits = ("val",)
     return c
 
 
@@ -80,7 +82,7 @@ def runs(setup):
     import shutil
     from leader_jax.train.teacher import train
 
-    root, _ = setup
+    root = setup[0]
     out = {}
     out["M1"] = train(make_cfg(setup, "M1", (1, 1, 1), stop_after=5))
     shutil.copytree(root / "M1", root / "C")
@@ -210,27 +212,29 @@ def _copy_run(root, src, dst):
     return root / dst
 
 
-def test_resume_after_best_written_before_checkpoint(runs, setup):
+def test_resume_after_best_written_before_checkpoint(tiny_teacher_run, setup):
     """Killed after best/N was written but before checkpoint N: the restart replays from the previous
-    checkpoint, rewrites best/N and finishes with the uninterrupted run's losses and best step."""
+    checkpoint, rewrites best/N and finishes with the uninterrupted run's losses and best step. The
+    uninterrupted run is the session's shared one (conftest `tiny_teacher_run`), copied here as E."""
+    import shutil
     from leader_jax.train.engine import Checkpointer
     from leader_jax.train.teacher import train
 
-    root, _ = runs
-    cfg = make_cfg(setup, "E", (2, 2, 2), eval_every=5)
-    straight = train(cfg)
+    root = setup[0]
+    _, shared, straight = tiny_teacher_run
+    shutil.copytree(shared, root / "E")
     want = losses(root / "E")
+    assert [r["step"] for r in read_jsonl(root / "E" / "metrics.jsonl")] == list(range(1, N_STEPS + 1))
     best_steps = Checkpointer(root / "E" / "best", max_to_keep=None).steps()
     assert best_steps == [straight["best_step"]]                 # pruned to the best at the end
     # the state of a kill between best/10 and checkpoints/10: a best newer than the last checkpoint
-    import shutil
     shutil.rmtree(root / "E" / "checkpoints" / str(N_STEPS))
     ck = Checkpointer(root / "E" / "checkpoints")
     assert ck.steps() == [5]
     ck.close()
     if straight["best_step"] != N_STEPS:                         # make best/10 exist whatever won
         shutil.copytree(root / "E" / "best" / str(straight["best_step"]), root / "E" / "best" / str(N_STEPS))
-    resumed = train(make_cfg(setup, "E", (2, 2, 2), eval_every=5))
+    resumed = train(shared_run_cfg(setup, "E"))
     assert resumed["steps_done"] == N_STEPS and resumed["best_step"] == straight["best_step"]
     assert resumed["best_val_prauc"] == straight["best_val_prauc"]
     assert losses(root / "E") == want
@@ -302,10 +306,11 @@ def test_trainable_filter_never_trains_a_frozen_domain_adapter():
     from leader_jax.models.llama import LlamaConfig, init_model
     from leader_jax.train.teacher import trainable_filter
 
-    def kinds(cfg):
-        m = init_model(LlamaConfig.tiny(vocab_size=64, hidden_size=16, intermediate_size=32), seed=0)
-        lora.add_adapter(m, "domain", "q,v", rank=2, alpha=4, param_type=lora.DomainLoRA)
-        lora.add_adapter(m, "task", "q,v", rank=2, alpha=4, param_type=lora.TaskLoRA)
+    m = init_model(LlamaConfig.tiny(vocab_size=64, hidden_size=16, intermediate_size=32), seed=0)
+    lora.add_adapter(m, "domain", "q,v", rank=2, alpha=4, param_type=lora.DomainLoRA)
+    lora.add_adapter(m, "task", "q,v", rank=2, alpha=4, param_type=lora.TaskLoRA)
+
+    def kinds(cfg):                                         # (nnx.split leaves the model as it is)
         _, tr, _ = nnx.split(m, trainable_filter(cfg), ...)
         return {type(v).__name__ for v in jax.tree.leaves(tr, is_leaf=lambda x: isinstance(x, nnx.Variable))}
 
@@ -359,10 +364,14 @@ def _head_run(setup, name, head_init, **model):
 def head_runs(setup):
     from leader_jax.train.teacher import train
 
-    root, _ = setup
+    root = setup[0]
     probe = _head_run(setup, "probe", "probe", head_probe_l2=(1e-3, 1.0), cache_prefix=True)
     probe.lora.task.first_layer = 1
-    zero = _head_run(setup, "zero", "zero")
+    # zero: the shared run's model, mesh and optimizer (conftest `tiny_teacher_run`; its step 1 also runs
+    # at lr 0 after warmup), stopped after step 1: it reuses that run's compiled train and predict steps
+    zero = shared_run_cfg(setup, "zero")
+    zero.model.head_init = "zero"
+    zero.train.update(eval_every=1, stop_after=1)
     return root, {"probe": train(probe), "zero": train(zero)}
 
 
