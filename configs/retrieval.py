@@ -5,7 +5,8 @@ it with `leader_jax.retrieval.validate_config(cfg.retrieval, prefix="retrieval."
 
 mode none: no retrieval (the plain LEADER teacher); fixed (B0): the k best of a code-similarity candidate
 pool are rendered into the prompt; joint (B1): a trainable re-ranker re-scores the pool, trained from the
-teacher's loss with each sampled candidate (RankNet pairwise loss, or the REPLUG KL).
+teacher's loss with each sampled candidate (RankNet pairwise loss, or the REPLUG KL). In the teacher the
+re-ranker is part of the trained (and checkpointed) model, with its own optimizer group at `joint.lr`.
 """
 from ml_collections import ConfigDict
 
@@ -26,7 +27,7 @@ def get_config() -> ConfigDict:
     c.bm25 = ConfigDict({"k1": 1.2, "b": 0.75})
     c.seed = 0                         # random pools and candidate sampling
 
-    c.joint = ConfigDict()             # mode=joint only
+    c.joint = ConfigDict()             # mode=joint only (sampling key: seed above, folded with the step)
     c.joint.m = 8                      # candidates sampled per training example (4-10)
     c.joint.gamma = 1.0                # sampling temperature: softmax(score / gamma)
     c.joint.lam = 0.1                  # total loss = teacher + lam * retriever

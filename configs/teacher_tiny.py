@@ -66,7 +66,7 @@ def get_config() -> ConfigDict:
     c.train.stop_after = 0             # >0: stop after this step without finishing (kill simulation)
 
     c.retrieval = load_config("retrieval.py")   # similar past patients in the prompt: mode none | fixed
-                                       # (joint not wired yet); docs/retrieval.md
+                                       # | joint (B1: a trained re-ranker); docs/retrieval.md
 
     c.eval = ConfigDict()
     c.eval.batch_size = 64

@@ -24,7 +24,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from leader_jax import ddi_safety
-from leader_jax.cli import UserError
+from leader_jax.cli import UserError, load_config
 from leader_jax.patient_columns import OK, Records, records_from_parsed
 from leader_jax.patient_input import CodeResolver, PatientInput, parse_lines, parse_patient
 from leader_jax.predict_render import PROB_DIGITS, Renderer  # noqa: F401  (PROB_DIGITS: part of the API)
@@ -57,6 +57,8 @@ def _student_backend(run: Path, meta: dict, data, cfg: ConfigDict) -> Callable[[
         teacher_dim = extra // (int(rcfg.model.head_hidden) + 1) or None
     if "shared_embedding" not in rcfg.model:     # a run saved before the switch existed: separate tables
         rcfg.model.shared_embedding = False
+    if "retrieval" not in rcfg:                  # a run saved before the retrieval block existed: mode none
+        rcfg.retrieval = load_config("retrieval.py")
     neighbours = _student_neighbours(run, rcfg, data)
     mcfg = st.model_config(rcfg, data.vocab, teacher_dim)
     trainer = st.StudentTrainer(mcfg, st.loss_config(rcfg), lr=float(rcfg.train.lr), seed=int(rcfg.seed),
@@ -74,7 +76,7 @@ def _student_backend(run: Path, meta: dict, data, cfg: ConfigDict) -> Callable[[
 
     def model(enc) -> np.ndarray:
         if neighbours is not None and enc.nbr is None:   # the neighbours' drug bags, from the codes alone
-            enc.nbr = neighbours.bags(enc)
+            enc.nbr = si.neighbour_bags(neighbours, enc, data.vocab)
         top = np.maximum(np.asarray(caps[-1]), enc.needs.max(axis=0)) if len(enc) else np.asarray(caps[-1])
         run_caps = caps[:-1] + [tuple(int(x) for x in top)]      # new patients may need wider sets
         try:
@@ -92,26 +94,20 @@ def _student_backend(run: Path, meta: dict, data, cfg: ConfigDict) -> Callable[[
 
 
 def _student_neighbours(run: Path, rcfg: ConfigDict, data):
-    """The neighbour-drug input of a student run trained with retrieval mode fixed (None for mode none;
-    a run saved before the retrieval block existed is mode none): its saved memory and pool settings."""
-    from leader_jax.cli import load_config
-    from leader_jax.train import student_inputs as si
+    """The retrieval of a student run trained with mode fixed (its saved memory; pool settings from its
+    config), or None for mode none."""
+    from leader_jax.retrieval.run_prompts import RunRetrieval
 
-    if "retrieval" not in rcfg:
-        rcfg.retrieval = load_config("retrieval.py")
     if rcfg.retrieval.mode == "none":
         return None
-    try:
-        return si.NeighbourInput(run, data.vocab, data.fingerprint())
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise UserError(f"{run}: {e}") from None
+    return RunRetrieval.for_run(rcfg.retrieval, run, data.vocab, fingerprint=data.fingerprint())
 
 
 def _teacher_backend(run: Path, meta: dict, data, cfg: ConfigDict) -> Callable[[Sequence], np.ndarray]:
     """samples → probabilities with the teacher of RUN: base model + adapters + head from its checkpoint,
     prompts from its config (needs the base model folder and the tokenizer the run was trained with). A
-    run trained with `retrieval.mode=fixed` shows each patient its neighbours from RUN/retrieval/memory.npz
-    (`_teacher_retrieval`)."""
+    run trained with retrieval (mode fixed or joint) shows each patient its neighbours from
+    RUN/retrieval/memory.npz (`_teacher_retrieval`; joint: ranked by the run's re-ranker)."""
     import optax
 
     from leader_jax.train import common
@@ -121,6 +117,7 @@ def _teacher_backend(run: Path, meta: dict, data, cfg: ConfigDict) -> Callable[[
     from leader_jax.train import teacher as tt
 
     from leader_jax.checkpoints import gguf
+    from leader_jax.retrieval import run_prompts as rp
 
     rcfg = _read_config(run)
     tok_path = tt.tokenizer_path(rcfg)
@@ -133,25 +130,29 @@ def _teacher_backend(run: Path, meta: dict, data, cfg: ConfigDict) -> Callable[[
         raise UserError(f"{run}: the teacher needs its base model, but {rcfg.model.path or '(none set)'} holds "
                         "no HF LLaMA (config.json model.path); restore it at that path to predict")
     tcfg, ckpt, info = load_teacher_run(run, cfg.teacher_checkpoint, tuple(cfg.mesh))
-    build_prompt = _teacher_retrieval(run, tcfg, data)
+    retr = _teacher_retrieval(run, tcfg, data)
     buckets = tuple(int(b) for b in tcfg.data.length_buckets) or None      # the run's own eval padding
     mesh = common.make_mesh(tcfg)
     common.check_batch_sizes(mesh, {"batch_size": cfg.batch_size})
     tok = common.load_run_tokenizer(tok_path, run)
     special = tdata.SpecialIds.from_tokenizer(tok)
-    engine = Engine(tt.build_teacher(tcfg, data.vocab.n_med, mesh), tt.trainable_filter(tcfg), optax.identity(),
-                    mesh, tt.teacher_loss, frozen_dtype=tcfg.model.frozen_dtype, predict_fn=tt.teacher_predict)
+    engine = Engine(tt.build_teacher(tcfg, data.vocab.n_med, mesh, vocab=data.vocab), tt.trainable_filter(tcfg),
+                    optax.identity(), mesh, tt.teacher_loss, frozen_dtype=tcfg.model.frozen_dtype,
+                    predict_fn=tt.teacher_predict)
     engine.trainable, _, _ = ckpt.restore(info["step"], _abstract(engine.trainable))
+    if retr is not None:
+        retr.follow(engine)
 
     def predict(samples: Sequence) -> np.ndarray:
+        kw = dict(max_history=tcfg.data.max_history, profile=tcfg.data.profile, labels=None, overlong="error")
         try:
-            builder = None
-            if build_prompt is not None:
-                samples = build_prompt.renamed(samples)
-                builder = build_prompt(samples, tok, tt.eval_max_len(tcfg))
-            enc = tdata.encode_samples(samples, data.vocab, tok, special, tt.eval_max_len(tcfg),
-                                       max_history=tcfg.data.max_history, profile=tcfg.data.profile,
-                                       split="input", overlong="error", build_prompt=builder)
+            if retr is not None:
+                samples = rp.unique_ids(samples)       # input ids may repeat; neighbours are looked up by id
+                enc = retr.encode(samples, "input", tok, special, tt.eval_max_len(tcfg),
+                                  pools=retr.input_pools(samples), **kw)
+            else:
+                enc = tdata.encode_samples(samples, data.vocab, tok, special, tt.eval_max_len(tcfg),
+                                           split="input", **kw)
         except ValueError as e:
             raise UserError(str(e)) from None
         return tt.predict_split(engine, enc, cfg.batch_size, desc="predict", buckets=buckets)[0]
@@ -160,23 +161,14 @@ def _teacher_backend(run: Path, meta: dict, data, cfg: ConfigDict) -> Callable[[
 
 
 def _teacher_retrieval(run: Path, tcfg: ConfigDict, data):
-    """None for a teacher without retrieval; else `make(samples, tokenizer, max_len)` → the `build_prompt`
-    for those new patients (pools from the run's saved memory with its pool settings, rendered as in
-    training), with `make.renamed(samples)` giving the samples positional ids first (input ids may repeat).
-    An oracle-pool run is refused here: new patients have no known drugs to rank by."""
+    """None for a teacher without retrieval; else the run's `RunRetrieval` (its saved memory and pool
+    settings; new patients get pools built on the fly and prompts encoded as in training by
+    `RunRetrieval.encode`). An oracle-pool run is refused here: new patients have no known drugs to rank by."""
     from leader_jax.retrieval import run_prompts as rp
 
     if tcfg.retrieval.mode != "none" and tcfg.retrieval.similarity == "oracle":
         raise UserError(f"{run}: {rp.oracle_refusal()}")
-    retr = rp.RunRetrieval.for_run(tcfg.retrieval, run, data.vocab, fingerprint=data.fingerprint())
-    if retr is None:
-        return None
-
-    def make(samples: Sequence, tokenizer, max_len: int):
-        return retr.builder(retr.input_pools(samples), tokenizer, max_len)
-
-    make.renamed = rp.unique_ids
-    return make
+    return rp.RunRetrieval.for_run(tcfg.retrieval, run, data.vocab, fingerprint=data.fingerprint())
 
 
 BACKENDS = {"student": _student_backend, "teacher": _teacher_backend}
@@ -201,7 +193,6 @@ class Recommender:
     def load(cls, run_dir: str | Path, config: ConfigDict | None = None, **overrides) -> "Recommender":
         """Load RUN (a finished student or teacher run). `config`: a predict config (default:
         configs/predict.py); `overrides`: fields to change, e.g. `ddi_filter="drop_lower"`."""
-        from leader_jax.cli import load_config
         from leader_jax.eval import load_prepared, open_run
         from leader_jax.predict import validate_config
 

@@ -1,7 +1,7 @@
 """Retrieval mode `fixed` (B0) wired end to end on one tiny teacher run: the run's prompts hold exactly the
 rendered top-k neighbours of their pools (never the query's own patient), feature extraction and the
 Recommender rebuild the same prompts (features = the teacher's own pooled states, predictions = the run's
-val predictions), a changed retrieval block is refused on resume, joint and oracle are refused where they
+val predictions), a changed retrieval block is refused on resume, oracle and bad values are refused where they
 cannot run."""
 import dataclasses
 import json
@@ -218,7 +218,7 @@ def test_config_errors():
     from configs.teacher_tiny import get_config
     from leader_jax.train.teacher import validate_config
 
-    for field, value, text in (("mode", "joint", "retrieval.mode='joint' is not wired"),
+    for field, value, text in (("mode", "jointly", "retrieval.mode='jointly'"),
                                ("k", 0, "retrieval.k=0"), ("similarity", "cosine", "retrieval.similarity")):
         c = get_config()
         c.retrieval[field] = value

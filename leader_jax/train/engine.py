@@ -6,7 +6,9 @@ and optimizer state) does gradient accumulation over micro-batches with `lax.sca
 and AdamW. The frozen base weights may be cast to bf16 (`frozen_dtype`); every LoRA adapter (a frozen
 stage-1 domain adapter included), the head, the optimizer state and the loss stay fp32. Dropout keys are
 folded with (step, micro-batch), so a resumed run replays the same masks, and the data position is a pure
-function of the step: resuming is exact.
+function of the step: resuming is exact. The loss function returns (loss, aux): aux holds scalar metrics
+(e.g. the joint retrieval mode's teacher and retriever losses), averaged over the micro-batches and
+returned next to the loss.
 """
 from __future__ import annotations
 
@@ -138,27 +140,27 @@ class Engine:
                 k = jax.tree.map(lambda key: jax.random.fold_in(jax.random.fold_in(key, step), i), rng_keys)
 
                 def lf(tr):
-                    loss, _ = loss_fn(nnx.merge(graphdef, tr, k, frozen), mb)
-                    return loss
+                    return loss_fn(nnx.merge(graphdef, tr, k, frozen), mb)
 
-                loss, g = jax.value_and_grad(lf)(trainable)
-                return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss), None
+                (loss, aux), g = jax.value_and_grad(lf, has_aux=True)(trainable)
+                return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss), aux
 
             zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
-            (g, loss), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)),
-                                        (batch, jnp.arange(accum)))
+            (g, loss), aux = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)),
+                                          (batch, jnp.arange(accum)))
             g = jax.tree.map(lambda x, p: (x / accum).astype(p.dtype), g, trainable)
             loss = loss / accum
             gnorm = optax.tree.norm(g) if hasattr(optax, "tree") else optax.global_norm(g)
             updates, opt_state = tx.update(g, opt_state, trainable)
             trainable = optax.apply_updates(trainable, updates)
-            return trainable, opt_state, {"loss": loss, "grad_norm": gnorm}
+            aux = {name: jnp.mean(v.astype(jnp.float32)) for name, v in aux.items()}
+            return trainable, opt_state, {**aux, "loss": loss, "grad_norm": gnorm}
 
         rep = NamedSharding(self.mesh, P())
         tr_sh, opt_sh = _shardings(self.trainable), _shardings(self.opt_state)
         in_sh = (tr_sh, opt_sh, _shardings(self.rng_keys), _shardings(self.frozen),
                  jax.tree.map(lambda x: stacked_batch_sharding(self.mesh, x.ndim), batch), rep)
-        out_sh = (tr_sh, opt_sh, {"loss": rep, "grad_norm": rep})
+        out_sh = (tr_sh, opt_sh, rep)                      # every metric replicated
         return jax.jit(step_fn, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(0, 1))
 
     def _cache_key(self, kind: str, batch, fn=None) -> tuple:

@@ -9,7 +9,8 @@ extraction resumes: ids already in a shard are skipped. Batches are padded to th
 buckets (`data.length_buckets`); `STORE/summary.json` reports the compile count, the padding fraction and
 the time. A teacher trained with `retrieval.mode=fixed` is fed the same retrieval prompts as in training
 (its `RUN/retrieval/memory.npz`; a split's pools from `RUN/retrieval/<split>.npz`, rebuilt there when
-missing or stale); the manifest records the retrieval settings.
+missing or stale); the manifest records the retrieval settings. A `retrieval.mode=joint` teacher ranks
+each pool with its restored re-ranker before composing the prompts, as in its training run.
 """
 from __future__ import annotations
 
@@ -114,7 +115,7 @@ def extract(cfg: ConfigDict) -> dict[str, Any]:
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise UserError(f"cannot load prepared data {tcfg.data_dir} (from {run}/config.json): {e}") from None
     common.check_batch_sizes(mesh, {"batch_size": cfg.batch_size})
-    teacher = build_teacher(tcfg, prepared.vocab.n_med, mesh)
+    teacher = build_teacher(tcfg, prepared.vocab.n_med, mesh, vocab=prepared.vocab)
     engine = Engine(teacher, trainable_filter(tcfg), optax.identity(), mesh, teacher_loss,
                     frozen_dtype=tcfg.model.frozen_dtype, predict_fn=teacher_predict)
     trainable, _, _ = ckpt.restore(info["step"], _abstract(engine.trainable))
@@ -132,6 +133,7 @@ def extract(cfg: ConfigDict) -> dict[str, Any]:
                                 write=main)
     if retr is not None:                 # (mode none adds nothing: stores written before retrieval still resume)
         meta["retrieval"] = retr.info()
+        retr.follow(engine)              # joint: the restored re-ranker ranks the pools
     writer = FeatureStoreWriter(out, hidden_dim=teacher.llama.config.hidden_size,
                                 n_med=prepared.vocab.n_med, meta=meta) if main else None
     shards_written, counts = 0, {}

@@ -1,8 +1,8 @@
 """The fit loop and the predict/gather loop shared by stage 1 (`pretrain`) and stage 2 (`teacher`).
 
 `fit` runs optimizer steps from the engine's current step to `train.steps`: batch of the step, train step,
-one metrics record (loss, grad norm, lr, step time, tokens/s, data position + whatever `after_step`
-adds, e.g. validation), progress bar, checkpoint every `train.ckpt_every` steps and at the end, and an
+one metrics record (loss, grad norm, the loss function's own metrics, lr, step time, tokens/s, data
+position + whatever `after_step` adds, e.g. validation), progress bar, checkpoint every `train.ckpt_every` steps and at the end, and an
 early stop at `train.stop_after` (kill simulation). `resume` restores the newest readable checkpoint of
 a run after checking that it was written by the same config and prepared data. `gather` runs the
 engine's predict function over a whole encoded split and returns the host arrays of every row.
@@ -94,8 +94,8 @@ def fit(engine: Engine, ckpt: Checkpointer, tr: ConfigDict, *, next_batch: Calla
         step = engine.step
         batch, n_tok = next_batch(step)
         m = engine.train_step(batch)
-        rec = {"step": engine.step, "loss": m["loss"], "grad_norm": m["grad_norm"], "lr": float(schedule(step)),
-               **timer.lap(n_tok), "data_position": engine.step * per_step}
+        rec = {"step": engine.step, **m, "lr": float(schedule(step)), **timer.lap(n_tok),
+               "data_position": engine.step * per_step}
         extra = after_step(engine.step) if after_step is not None else None
         if extra:
             rec.update(extra)

@@ -19,7 +19,9 @@ then runs the frozen layers below K once per sample and trains on their cached o
 
 `retrieval.mode=fixed` shows the k most similar training visits in every prompt of the run (training,
 validation, the head statistics and probe, predictions): the memory and the candidate pools are written to
-`RUN/retrieval/` (`leader_jax.retrieval.run_prompts`; docs/retrieval.md).
+`RUN/retrieval/` (`leader_jax.retrieval.run_prompts`; docs/retrieval.md). `retrieval.mode=joint` also
+trains a re-ranker (`teacher.reranker`, its own optimizer group) that picks those k from each pool; the
+prompts are composed per step from the current ranking (`leader_jax.retrieval.joint`).
 """
 from __future__ import annotations
 
@@ -35,8 +37,8 @@ from ml_collections import ConfigDict
 from leader_jax.cli import UserError
 from leader_jax.models import frozen_prefix as fp, lora
 from leader_jax.models.teacher import HeadParam, Teacher, bce_loss
-from leader_jax.retrieval import validate_config as validate_retrieval
-from leader_jax.retrieval.run_prompts import RunRetrieval, check_wired
+from leader_jax.retrieval import joint as rjoint, validate_config as validate_retrieval
+from leader_jax.retrieval.run_prompts import RunRetrieval
 from leader_jax.train import common, head_probe, loop, text_batches as tdata, distributed
 from leader_jax.train.length_buckets import BucketedStream, PadStats, bucket_set, validate_buckets
 from leader_jax.train.engine import Checkpointer, Engine, place
@@ -55,6 +57,8 @@ def trainable_filter(cfg: ConfigDict):
     if cfg.model.trainable_base:                      # full fine-tuning (tiny from-scratch models)
         return nnx.Param if domain_trainable else nnx.All(nnx.Param, nnx.Not(lora.DomainLoRA))
     parts = [HeadParam]
+    if cfg.retrieval.mode == "joint":                 # the re-ranker (retrieval.joint)
+        parts.append(nnx.PathContains(rjoint.RERANKER))
     if cfg.lora.task.rank > 0:
         parts.append(lora.TaskLoRA)
     if domain_trainable:
@@ -62,8 +66,9 @@ def trainable_filter(cfg: ConfigDict):
     return nnx.Any(*parts)
 
 
-def build_teacher(cfg: ConfigDict, n_med: int, mesh) -> Teacher:
-    """Base (+ domain adapter) + task adapter + head, every variable on `mesh`."""
+def build_teacher(cfg: ConfigDict, n_med: int, mesh, *, vocab=None) -> Teacher:
+    """Base (+ domain adapter) + task adapter + head (+ with `retrieval.mode=joint` the re-ranker as
+    `teacher.reranker`, sized by the prepared `vocab`), every variable on `mesh`."""
     _, base = common.load_base(cfg.model, mesh, cfg.seed)
     if cfg.lora.domain_path:
         if not Path(cfg.lora.domain_path).exists():
@@ -88,6 +93,10 @@ def build_teacher(cfg: ConfigDict, n_med: int, mesh) -> Teacher:
     with nnx.use_eager_sharding(False):
         teacher = Teacher(base, n_med, rngs=nnx.Rngs(cfg.seed + 2), pool=cfg.model.pool,
                           head_norm=bool(cfg.model.head_norm))
+        if cfg.retrieval.mode == "joint":
+            if vocab is None:
+                raise ValueError("build_teacher: retrieval.mode=joint needs the prepared vocab")
+            rjoint.attach_reranker(teacher, cfg.retrieval, vocab, cfg.seed + 3)
     return place(teacher, mesh)
 
 
@@ -114,7 +123,8 @@ def encode_split(cfg: ConfigDict, prepared, split: str, tokenizer, special,
                  training: bool | None = None, retrieval: RunRetrieval | None = None) -> tdata.Encoded:
     """Training encoding (max_len, overlong samples dropped) for the train split during training;
     evaluation encoding (eval_max_len, nothing dropped) otherwise (predictions, feature store).
-    `retrieval` (required when `retrieval.mode` is not none): the run's neighbours go into every prompt."""
+    `retrieval` (required when `retrieval.mode` is not none): the run's neighbours go into every prompt
+    (mode joint: ranked by the re-ranker it follows at this moment)."""
     samples = prepared.splits[split]
     if not samples:
         raise UserError(f"prepared data {cfg.data_dir}: split {split!r} is empty")
@@ -123,13 +133,12 @@ def encode_split(cfg: ConfigDict, prepared, split: str, tokenizer, special,
                          f"{'given' if retrieval is not None else 'None'}")
     is_train = (split == "train") if training is None else training
     max_len = cfg.data.max_len if is_train else eval_max_len(cfg)
+    kw = dict(max_history=cfg.data.max_history, profile=cfg.data.profile, labels=prepared.labels(samples),
+              overlong="drop" if is_train else "error")
     try:
-        build = None if retrieval is None else retrieval.builder(retrieval.split_pools(samples, split),
-                                                                 tokenizer, max_len)
-        return tdata.encode_samples(samples, prepared.vocab, tokenizer, special, max_len,
-                                    max_history=cfg.data.max_history, profile=cfg.data.profile,
-                                    labels=prepared.labels(samples), split=split, build_prompt=build,
-                                    overlong="drop" if is_train else "error")
+        if retrieval is not None:
+            return retrieval.encode(samples, split, tokenizer, special, max_len, **kw)
+        return tdata.encode_samples(samples, prepared.vocab, tokenizer, special, max_len, split=split, **kw)
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -252,7 +261,9 @@ def validate_config(cfg: ConfigDict) -> None:
         raise UserError(f"eval.batch_size must be positive, got {cfg.eval.batch_size}")
     loop.validate_train(cfg.train)
     validate_retrieval(cfg.retrieval, prefix="retrieval.")
-    check_wired(cfg.retrieval)
+    if cfg.retrieval.mode == "joint" and m.cache_prefix:
+        raise UserError("model.cache_prefix=True cannot run with retrieval.mode=joint (the prompts change with "
+                        "the re-ranker at every step; nothing per sample can be cached)")
 
 
 class BestKeeper:
@@ -299,26 +310,33 @@ def train(cfg: ConfigDict) -> dict[str, Any]:
     tok = common.load_run_tokenizer(tokenizer_path(cfg), run)
     special = tdata.SpecialIds.from_tokenizer(tok)
     retr = RunRetrieval.for_training(cfg.retrieval, prepared, run, write=distributed.is_main_process())
-    train_enc = encode_split(cfg, prepared, "train", tok, special, retrieval=retr)
-    val_enc = encode_split(cfg, prepared, "val", tok, special, retrieval=retr)
+    joint = cfg.retrieval.mode == "joint"
 
     tr = cfg.train
     common.check_batch_sizes(mesh, {"train.micro_batch": tr.micro_batch, "eval.batch_size": cfg.eval.batch_size})
-    teacher = build_teacher(cfg, prepared.vocab.n_med, mesh)
+    teacher = build_teacher(cfg, prepared.vocab.n_med, mesh, vocab=prepared.vocab)
     tx, schedule = loop.make_tx(tr)
     k = int(cfg.lora.task.first_layer) if cfg.model.cache_prefix else 0
-    engine = Engine(teacher, trainable_filter(cfg), tx, mesh, fp.UpperLoss(k) if k else teacher_loss,
-                    frozen_dtype=cfg.model.frozen_dtype, predict_fn=teacher_predict)
+    if joint:
+        tx, loss_fn = rjoint.joint_tx(tx, float(cfg.retrieval.joint.lr)), rjoint.JointLoss.from_config(cfg.retrieval)
+    else:
+        loss_fn = fp.UpperLoss(k) if k else teacher_loss
+    engine = Engine(teacher, trainable_filter(cfg), tx, mesh, loss_fn, frozen_dtype=cfg.model.frozen_dtype,
+                    predict_fn=teacher_predict)
     ckpt = Checkpointer(run / "checkpoints", max_to_keep=2)
     best = BestKeeper(run)
     identity = common.run_identity(cfg, prepared.fingerprint())
     meta = loop.resume(engine, ckpt, tr, identity, run)
     best.resumed(meta, engine.step)
+    if retr is not None:
+        retr.follow(engine)              # joint: prompts ranked by the engine's (restored) re-ranker
+    train_enc = encode_split(cfg, prepared, "train", tok, special, retrieval=retr)
+    val_enc = encode_split(cfg, prepared, "val", tok, special, retrieval=retr)
     eval_bs = int(cfg.eval.batch_size)
     buckets = tuple(int(b) for b in cfg.data.length_buckets) or None
     stats = {"train": PadStats(), "eval": PadStats(), "prefix": PadStats()}
     stream = BucketedStream(train_enc.lengths, bucket_set(buckets, cfg.data.max_len), tr.accum * tr.micro_batch,
-                            cfg.seed) if buckets else None
+                            cfg.seed) if buckets and not joint else None
     caches = {name: fp.PrefixCache(engine, enc, k, eval_bs, buckets=buckets, stats=stats["prefix"],
                                    desc=f"frozen prefix {name}")
               for name, enc in (("train", train_enc), ("val", val_enc))} if k else {}
@@ -347,20 +365,34 @@ def train(cfg: ConfigDict) -> dict[str, Any]:
     def validate(done: int) -> dict | None:
         if not tr.eval_every or (done % tr.eval_every and done != tr.steps):
             return None
-        probs, _ = predict_split(engine, val_enc, eval_bs, desc="val", buckets=buckets, stats=stats["eval"],
+        enc = encode_split(cfg, prepared, "val", tok, special, retrieval=retr) if joint else val_enc
+        probs, _ = predict_split(engine, enc, eval_bs, desc="val", buckets=buckets, stats=stats["eval"],
                                  **cached("val"))
-        val = val_prauc(val_enc.labels, probs)
+        val = val_prauc(enc.labels, probs)
         best.offer(engine, val)
         return {"val_prauc": val}
+
+    if joint:                            # per step: the current ranking's top-k + m sampled candidates
+        batches = rjoint.JointBatches(
+            retr.parts(prepared.splits["train"], "train", tok, special, int(cfg.data.max_len),
+                       max_history=cfg.data.max_history, profile=cfg.data.profile,
+                       labels=prepared.labels(prepared.splits["train"]), overlong="drop"),
+            retr.composer(tok, special), retr.ranker, rjoint.memory_drug_sets(retr.memory), cfg.retrieval,
+            accum=int(tr.accum), micro=int(tr.micro_batch), seed=int(cfg.seed), mesh=mesh,
+            max_len=int(cfg.data.max_len), lengths=bucket_set(buckets or (), cfg.data.max_len),
+            stats=stats["train"])
+        next_batch, after_step = batches, (lambda done: {**batches.info, **(validate(done) or {})})
+    else:
+        next_batch = lambda step: tdata.train_batch(train_enc, step, tr.accum, tr.micro_batch, cfg.seed,
+                                                    mesh, stream=stream, stats=stats["train"],
+                                                    prefix=caches.get("train"))
+        after_step = validate
 
     def ckpt_meta() -> dict:
         return {**identity, **best.meta()}
 
-    res = loop.fit(engine, ckpt, tr, log=log, desc="teacher", schedule=schedule, after_step=validate,
-                   next_batch=lambda step: tdata.train_batch(train_enc, step, tr.accum, tr.micro_batch, cfg.seed,
-                                                             mesh, stream=stream, stats=stats["train"],
-                                                             prefix=caches.get("train")),
-                   meta=ckpt_meta, after_checkpoint=best.prune)
+    res = loop.fit(engine, ckpt, tr, log=log, desc="teacher", schedule=schedule, after_step=after_step,
+                   next_batch=next_batch, meta=ckpt_meta, after_checkpoint=best.prune)
     summary = {**info, "steps_done": res.steps_done, "train_seconds_this_run": res.seconds,
                "best_step": best.step, "best_val_prauc": best.val}
     if caches:
