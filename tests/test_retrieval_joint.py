@@ -16,23 +16,19 @@ from leader_jax.retrieval import joint as rjoint, render
 from leader_jax.retrieval.memory import Memory
 from leader_jax.train import common, text_batches as tdata
 
+from test_retrieval_teacher import make_cfg as fixed_cfg
+
 K, M, STEPS = 2, 3, 4
 
 
 def make_cfg(root, data_dir, name, **train):
-    from configs.teacher_tiny import get_config
-
-    c = get_config()
-    c.out, c.data_dir, c.tokenizer, c.mesh = str(root / name), str(data_dir), str(root / "tok"), (1, 1, 1)
-    c.model.source = "scratch"
-    c.model.arch.update(dict(vocab_size=2000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2))
-    c.data.update(dict(max_len=512, eval_max_len=512, max_history=1, length_buckets=(256,)))
-    c.lora.task.update(dict(rank=4, dropout=0.0))
-    c.model.head_norm, c.model.head_init = False, "normal"       # no head-statistics pass (test time)
-    c.train.update(dict(steps=STEPS, micro_batch=4, accum=2, eval_every=2, ckpt_every=2, **train))
-    c.train.optim.update(dict(lr=1e-2, warmup_steps=0))
-    c.eval.batch_size, c.eval.splits = 8, ("val",)
+    """The fixed-mode test teacher of test_retrieval_teacher in joint mode: one length bucket, no LoRA
+    dropout, the plain head (no head-statistics pass), two micro-batches per step."""
+    c = fixed_cfg(root, data_dir, name)
+    c.data.length_buckets = (256,)
+    c.lora.task.dropout = 0.0
+    c.model.head_norm, c.model.head_init = False, "normal"
+    c.train.update(dict(steps=STEPS, micro_batch=4, accum=2, **train))
     c.retrieval.update(dict(mode="joint", k=K))
     c.retrieval.joint.update(dict(m=M, lam=1.0, lr=0.3, margin=0.0))     # large: the ranking moves in 4 steps
     return c
