@@ -11,12 +11,10 @@ import pytest
 from flax import nnx
 
 from leader_jax.cli import UserError
-from leader_jax.data.prompts import build_prompt
-from leader_jax.retrieval import joint as rjoint, render
-from leader_jax.retrieval.memory import Memory
+from leader_jax.retrieval import joint as rjoint
 from leader_jax.train import common, text_batches as tdata
 
-from test_retrieval_teacher import make_cfg as fixed_cfg
+from test_retrieval_teacher import make_cfg as fixed_cfg, train_retrieval_tokenizer
 
 K, M, STEPS = 2, 3, 4
 
@@ -42,15 +40,11 @@ def losses(run):
 def runs(prepared_synthetic, tmp_path_factory):
     """A: joint run straight to STEPS; B: the same config killed after step 2, then resumed."""
     from leader_jax.data.dataset import PreparedData
-    from leader_jax.train.pretrain import train_tokenizer
     from leader_jax.train.teacher import train
 
     root = tmp_path_factory.mktemp("retrieval_joint")
     data = PreparedData.load(prepared_synthetic)
-    memory = Memory.from_prepared(data)
-    texts = [build_prompt(s, data.vocab, max_history=1) for s in data.splits["train"]]
-    texts += [render.neighbour_sentence(memory, j, data.vocab) for j in range(len(memory))]
-    train_tokenizer(texts, 2000, root / "tok")
+    train_retrieval_tokenizer(data, root / "tok")
     out = {"A": train(make_cfg(root, prepared_synthetic, "A"))}
     out["B1"] = train(make_cfg(root, prepared_synthetic, "B", stop_after=2))
     out["B"] = train(make_cfg(root, prepared_synthetic, "B"))

@@ -39,20 +39,27 @@ def make_cfg(root, data_dir, name, **retrieval):
     return c
 
 
+def train_retrieval_tokenizer(data, folder) -> None:
+    """A 2,000-token BPE trained on the training prompts and every memory visit's neighbour sentence, so the
+    retrieval prompts stay short."""
+    from leader_jax.train.pretrain import train_tokenizer
+
+    memory = Memory.from_prepared(data)
+    texts = [build_prompt(s, data.vocab, max_history=1) for s in data.splits["train"]]
+    texts += [render.neighbour_sentence(memory, j, data.vocab) for j in range(len(memory))]
+    train_tokenizer(texts, 2000, folder)
+
+
 @pytest.fixture(scope="module")
 def run(prepared_synthetic, tmp_path_factory):
     """One fixed-mode (BM25, k=2) tiny teacher run; a tokenizer trained on the prompts and the neighbour
     sentences (vocabulary 2000) keeps the augmented prompts short."""
     from leader_jax.data.dataset import PreparedData
-    from leader_jax.train.pretrain import train_tokenizer
     from leader_jax.train.teacher import train
 
     root = tmp_path_factory.mktemp("retrieval_teacher")
     data = PreparedData.load(prepared_synthetic)
-    memory = Memory.from_prepared(data)
-    texts = [build_prompt(s, data.vocab, max_history=1) for s in data.splits["train"]]
-    texts += [render.neighbour_sentence(memory, j, data.vocab) for j in range(len(memory))]
-    train_tokenizer(texts, 2000, root / "tok")
+    train_retrieval_tokenizer(data, root / "tok")
     cfg = make_cfg(root, prepared_synthetic, "run")
     summary = train(cfg)
     tok = common.load_tokenizer(root / "tok")

@@ -31,11 +31,18 @@ SUFFIX = ".jaxexport"
 
 def exported_dir() -> Path | None:
     """`<compile cache folder>_exported` (created 0o700 and checked like the cache itself: it holds code this
-    process runs), or None when the compilation cache is off."""
-    from leader_jax.compile_cache import active_dir, checked_dir
+    process runs), or None when the compilation cache is off. Checked once per folder, not per call."""
+    from leader_jax.compile_cache import active_dir
 
     cache = active_dir()
-    return None if cache is None else checked_dir(cache.with_name(cache.name + "_exported"))
+    return None if cache is None else _checked(cache.with_name(cache.name + "_exported"))
+
+
+@functools.lru_cache(maxsize=None)
+def _checked(folder: Path) -> Path:
+    from leader_jax.compile_cache import checked_dir
+
+    return checked_dir(folder)
 
 
 @functools.lru_cache(maxsize=None)
