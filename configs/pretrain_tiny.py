@@ -27,6 +27,7 @@ def get_config() -> ConfigDict:
     c.model.frozen_dtype = "float32"
     c.model.remat = "none"
     c.model.attention_impl = ""
+    c.model.dot_dtype = ""               # "" = model.dtype; bfloat16: bf16 matmul operands, fp32 sums
     c.model.cache_prefix = False         # mode=adapter: run the frozen layers below domain.first_layer once per
                                          # document and train on their cached output (same loss, less compute)
     # the tiny LLaMA shape (model.source=scratch), also used by configs/teacher_tiny.py; vocab_size is

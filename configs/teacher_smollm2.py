@@ -19,6 +19,8 @@ def get_config():
                                           # the EOS state (eICU demo, chosen on validation; docs/teacher.md)
     c.model.head_norm = True              # standardised pooled state before the head (train-split statistics)
     c.model.cache_prefix = True           # layers < lora.task.first_layer: once per sample
+    c.model.dot_dtype = "bfloat16"        # bf16 matmul operands, fp32 sums and activations: ~1.5x faster on
+                                          # CPUs with AVX512-BF16; pooled states within 0.3 % (docs/teacher.md)
     c.model.head_init = "probe"           # LP-FT: the head starts as a logistic probe on the frozen states
     c.model.head_probe_l2 = (0.1, 0.3, 1.0)   # chosen by validation PRAUC (eICU demo: 0.3 is the peak of
                                               # 0.003..3, docs/teacher.md)

@@ -64,6 +64,8 @@ BAD = [
     ("eval.py", {"threshold": 1.5}, "threshold"),
     ("pretrain_tiny.py", {"mode": "lora"}, "mode='lora'"),
     ("teacher_tiny.py", {"model.pool": "max"}, "model.pool='max'"),
+    ("teacher_smollm2.py", {"model.dot_dtype": "bf16x"}, "model.dot_dtype='bf16x'"),
+    ("pretrain_smollm2.py", {"model.dot_dtype": "int8"}, "model.dot_dtype='int8'"),
     ("teacher_tiny.py", {"train.optim.warmup_steps": 10_000}, "warmup_steps"),
     ("teacher_smollm2.py", {"lora.task.first_layer": 0}, "first_layer"),
     ("teacher_tiny.py", {"data.length_buckets": (64, -8)}, "data.length_buckets"),

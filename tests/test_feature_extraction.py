@@ -62,6 +62,7 @@ def test_store_covers_every_split_and_resumes(stores, teacher_run):
     best_step = json.loads((run / "run.json").read_text())["best_step"]
     assert best_step in (5, 10) and m["meta"]["teacher_checkpoint"]["step"] == best_step
     assert len(m["meta"]["teacher_checkpoint"]["params_sha256"]) == 64
+    assert m["meta"]["pooling"] == "final-norm hidden state at the EOS (last real token)"   # the tiny teacher's
     assert m["hidden_dim"] == 32 and m["n_med"] == data.vocab.n_med
 
 

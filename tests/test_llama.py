@@ -221,3 +221,29 @@ def test_bf16_compute_close_to_fp32(models, fwd):
     out32 = np.asarray(fwd(model, jnp.asarray(ids), jnp.asarray(mask)))
     valid = mask.astype(bool)
     assert np.abs(out16 - out32)[valid].max() < 5e-2
+
+
+def test_bf16_dot_operands_fp32_sums(models, fwd):
+    """`dot_dtype=bfloat16`: each projection equals an independent float64 product of the bf16-rounded
+    operands (fp32 accumulation), activations stay fp32, logits stay close to fp32, and gradients flow."""
+    import jax
+    import ml_dtypes
+
+    hf, d, _, model = models["tied"]
+    _, mb = load_hf(d, dot_dtype="bfloat16")
+    lin = mb.layers[0].mlp.up_proj
+    x = jnp.asarray(np.random.RandomState(3).randn(2, 5, lin.in_features).astype(np.float32))
+    y = np.asarray(lin(x))
+    r = lambda a: np.asarray(a).astype(ml_dtypes.bfloat16).astype(np.float64)
+    np.testing.assert_allclose(y, r(x) @ r(lin.kernel[...]), rtol=1e-5, atol=1e-5)
+    assert y.dtype == np.float32 and lin.kernel[...].dtype == jnp.float32
+    assert np.abs(y - np.asarray(x) @ np.asarray(lin.kernel[...])).max() > 1e-4      # really rounded
+    ids, mask = batch()
+    out_b = np.asarray(fwd(mb, jnp.asarray(ids), jnp.asarray(mask)))
+    out_f = np.asarray(fwd(model, jnp.asarray(ids), jnp.asarray(mask)))
+    valid = mask.astype(bool)
+    assert out_b.dtype == np.float32 and np.abs(out_b - out_f)[valid].max() < 2e-2 * np.abs(out_f).max()
+    g = jax.grad(lambda xx: jnp.sum(lin(xx) ** 2))(x)
+    g32 = jax.grad(lambda xx: jnp.sum((xx @ lin.kernel[...]) ** 2))(x)
+    assert g.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g32), rtol=0.05, atol=0.05 * np.abs(g32).max())

@@ -57,11 +57,24 @@ def check_batch_sizes(mesh, sizes: dict[str, int]) -> None:
         raise UserError(str(e)) from None
 
 
+DOT_DTYPES = ("", "float32", "bfloat16", "float16")
+
+
+def check_dot_dtype(mcfg: ConfigDict) -> None:
+    """UserError unless `model.dot_dtype` is "" (the compute dtype) or a known float dtype."""
+    if mcfg.dot_dtype not in DOT_DTYPES:
+        raise UserError(f"model.dot_dtype={mcfg.dot_dtype!r}; expected \"\" (= model.dtype) | "
+                        f"{' | '.join(DOT_DTYPES[1:])}")
+
+
 def llama_overrides(mcfg: ConfigDict) -> dict[str, Any]:
-    """LlamaConfig fields the run config overrides: `model.remat`, `model.attention_impl` ("" = XLA)."""
+    """LlamaConfig fields the run config overrides: `model.remat`, `model.attention_impl` ("" = XLA),
+    `model.dot_dtype` ("" = the compute dtype; run configs saved before the field existed lack it)."""
     out = {"remat": mcfg.remat}
     if mcfg.attention_impl:
         out["attention_impl"] = mcfg.attention_impl
+    if "dot_dtype" in mcfg and mcfg.dot_dtype:
+        out["dot_dtype"] = mcfg.dot_dtype
     return out
 
 

@@ -36,6 +36,8 @@ from leader_jax.train.teacher import (build_teacher, encode_split, eval_max_len,
                                       teacher_predict, tokenizer_path, trainable_filter)
 
 CHECKPOINTS = ("best", "last")
+POOLING = {"last": "final-norm hidden state at the EOS (last real token)",          # model.pool -> manifest
+           "mean": "mean of the final-norm hidden states over the prompt's real tokens"}
 
 
 def validate_config(cfg: ConfigDict) -> None:
@@ -76,7 +78,7 @@ def load_teacher_run(run: Path, which: str, mesh_shape) -> tuple[ConfigDict, Eng
     if not cfg_path.exists():
         raise UserError(f"{run}: config.json not found (not a teacher run folder?)")
     tcfg = ConfigDict(json.loads(cfg_path.read_text()))
-    missing = [f for f in ("data.length_buckets", "lora.task.first_layer", "model.cache_prefix")
+    missing = [f for f in ("data.length_buckets", "lora.task.first_layer", "model.cache_prefix", "model.pool")
                if f.split(".")[-1] not in _sub(tcfg, f)]
     if missing:
         raise UserError(f"{cfg_path}: lacks {', '.join(missing)} (written by an older leader_jax); train the "
@@ -124,7 +126,7 @@ def extract(cfg: ConfigDict) -> dict[str, Any]:
     meta = {"teacher_run": str(run.absolute()), "teacher_checkpoint": info,
             "teacher_base": str(tcfg.model.path), "teacher_config": tcfg.config_name,
             "dataset_fingerprint": prepared.fingerprint(), "dataset_dir": str(Path(tcfg.data_dir).absolute()),
-            "pooling": "final-norm hidden state at the EOS (last real token)",
+            "pooling": POOLING[tcfg.model.pool],
             "eval_max_len": eval_max_len(tcfg)}
     tok = common.load_run_tokenizer(tokenizer_path(tcfg), run)     # RUN/tokenizer for a GGUF base
     special = tdata.SpecialIds.from_tokenizer(tok)

@@ -142,6 +142,7 @@ def validate_config(cfg: ConfigDict) -> None:
         raise UserError(f"model.source={cfg.model.source!r}; expected hf | scratch")
     if cfg.mode == "adapter" and cfg.model.source != "hf":
         raise UserError("mode=adapter trains a domain adapter on a pretrained base: set model.source=hf")
+    common.check_dot_dtype(cfg.model)
     if not 0 < float(cfg.corpus.heldout_fraction) < 1:
         raise UserError(f"corpus.heldout_fraction={cfg.corpus.heldout_fraction} must be in (0, 1)")
     for k in ("max_titles", "pack_chars"):

@@ -223,6 +223,7 @@ def validate_config(cfg: ConfigDict) -> None:
         raise UserError(f"model.pool={m.pool!r}; expected {' | '.join(POOLS)}")
     if m.frozen_dtype not in FROZEN_DTYPES:
         raise UserError(f"model.frozen_dtype={m.frozen_dtype!r}; expected {' | '.join(FROZEN_DTYPES)}")
+    common.check_dot_dtype(m)
     if m.head_init not in HEAD_INITS:
         raise UserError(f"model.head_init={m.head_init!r}; expected {' | '.join(HEAD_INITS)}")
     if m.head_init == "probe" and not m.head_norm:
