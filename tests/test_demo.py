@@ -46,6 +46,7 @@ def test_every_stage_ran_and_the_table_lists_every_model(demo_run):
         assert 0.0 <= res["overall"]["prauc"] <= 1.0
     report = (out / "report.md").read_text()
     assert table in report and (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"Teacher: {demo.TEACHER_NAMES['tiny']}." in report
     store = json.loads((out / "teacher" / "features" / "manifest.json").read_text())
     assert store["complete"] and set(store["splits"]) == {"train"}     # the KD student reads train features only
 
