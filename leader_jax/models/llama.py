@@ -552,7 +552,8 @@ def hf_keys(config: LlamaConfig) -> list[str]:
 def load_hf(path, dtype: str = "float32", mesh=None, compute_dtype: str | None = None, **overrides):
     """Load an HF LLaMA directory -> (LlamaConfig, Llama). `dtype` is the parameter dtype (and the compute
     dtype unless `compute_dtype` is given); `overrides` set other LlamaConfig fields (remat, scan_layers,
-    attention_impl). Tensors are read one at a time and put straight into their (sharded) device arrays."""
+    attention_impl, dot_dtype). Tensors are read one at a time and put straight into their (sharded) device
+    arrays."""
     from leader_jax.checkpoints import hf as hfio
 
     config = LlamaConfig.from_pretrained(path, param_dtype=dtype_name(dtype),
