@@ -112,8 +112,8 @@ def test_bucketed_predictions_and_loss_equal_the_padded_path(bucketed):
     padded = loop.gather(eng, enc["val"], 8)
     st = lb.PadStats()
     bucketed_out = loop.gather(eng, enc["val"], 8, buckets=cfg.data.length_buckets, stats=st)
-    for a, b in zip(padded, bucketed_out):
-        np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5)
+    for a, b in zip(padded, bucketed_out):   # fp32 sums over other shapes: 2e-5 of the outputs' scale
+        np.testing.assert_allclose(b, a, rtol=0, atol=2e-5 * max(1.0, float(np.abs(a).max())))
     assert st.pad_fraction < 1 - enc["val"].lengths.sum() / (len(enc["val"]) * cfg.data.eval_max_len)
     # one training batch: loss padded to its bucket vs to max_len
     rows = np.argsort(enc["train"].lengths)[:8]
