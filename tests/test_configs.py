@@ -51,6 +51,26 @@ def test_every_config_file_has_a_stage():
     assert "student.py:mimic4" in ALL
 
 
+def test_every_cli_default_config_exists_and_belongs_to_its_stage():
+    """`cli.run(main, "X.py")` in a stage module names its default config: it must be a bundled file that the
+    same stage validates (a renamed config once left `extract_features` without a default)."""
+    import re
+    from pathlib import Path
+
+    import leader_jax
+
+    root = Path(leader_jax.__file__).parent
+    found = {}
+    for path in root.rglob("*.py"):
+        for name in re.findall(r"\brun\(main, \"([^\"]+)\"", path.read_text()):
+            module = ".".join(path.relative_to(root.parent).with_suffix("").parts)
+            found[module] = name
+    assert len(found) >= 10, found
+    for module, name in sorted(found.items()):
+        assert (CONFIG_DIR / name).is_file(), f"{module}: default config {name} not in configs/"
+        assert STAGE_OF[name] == module, f"{module}: default {name} is validated by {STAGE_OF[name]}"
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_bundled_config_validates(name):
     cfg = load_config(name)

@@ -180,4 +180,4 @@ def main(cfg: ConfigDict, argv: list[str]) -> None:
 
 if __name__ == "__main__":
     from leader_jax import cli
-    cli.run(main, "features.py", out_flag=False)
+    cli.run(main, "extract_features.py", out_flag=False)
