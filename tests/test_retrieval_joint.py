@@ -186,6 +186,18 @@ def test_features_and_recommender_use_the_reranked_top_k(runs):
     pos, ok = retr.ranker.top_k(parts.inputs, K)
     assert ok.all() and (pos != np.arange(K)).any(axis=1).sum() > 0
 
+    # retrieval quality of the run (before/after joint training) is measured on exactly these neighbours
+    from leader_jax.retrieval.quality import neighbour_quality
+    from leader_jax.retrieval.run_quality import teacher_run_quality
+
+    before, after = teacher_run_quality(root / "A", "val")
+    truth = [s.target.medications for s in val]
+    mem = retr.memory
+    assert before["ranking"] == "pool order" and after["ranking"] == "joint re-ranker"
+    assert before["mean_jaccard"] == neighbour_quality(mem, parts.pool[:, :K], truth)["mean_jaccard"]
+    assert after["mean_jaccard"] == neighbour_quality(mem, np.take_along_axis(parts.pool, pos, 1), truth)["mean_jaccard"]
+    assert after["rows_reordered"] == int((pos != np.arange(K)).any(axis=1).sum()) > 0
+
 
 def test_config_errors():
     from configs.teacher_tiny import get_config
