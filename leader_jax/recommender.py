@@ -108,12 +108,9 @@ def _teacher_backend(run: Path, meta: dict, data, cfg: ConfigDict) -> Callable[[
     prompts from its config (needs the base model folder and the tokenizer the run was trained with). A
     run trained with retrieval (mode fixed or joint) shows each patient its neighbours from
     RUN/retrieval/memory.npz (`_teacher_retrieval`; joint: ranked by the run's re-ranker)."""
-    import optax
-
     from leader_jax.train import common
     from leader_jax.train import text_batches as tdata
-    from leader_jax.train.engine import Engine, _abstract
-    from leader_jax.train.extract_features import load_teacher_run
+    from leader_jax.train.extract_features import load_teacher_run, restored_engine
     from leader_jax.train import teacher as tt
 
     from leader_jax.checkpoints import gguf
@@ -136,10 +133,7 @@ def _teacher_backend(run: Path, meta: dict, data, cfg: ConfigDict) -> Callable[[
     common.check_batch_sizes(mesh, {"batch_size": cfg.batch_size})
     tok = common.load_run_tokenizer(tok_path, run)
     special = tdata.SpecialIds.from_tokenizer(tok)
-    engine = Engine(tt.build_teacher(tcfg, data.vocab.n_med, mesh, vocab=data.vocab), tt.trainable_filter(tcfg),
-                    optax.identity(), mesh, tt.teacher_loss, frozen_dtype=tcfg.model.frozen_dtype,
-                    predict_fn=tt.teacher_predict)
-    engine.trainable, _, _ = ckpt.restore(info["step"], _abstract(engine.trainable))
+    engine = restored_engine(tcfg, ckpt, info, mesh, data.vocab)
     if retr is not None:
         retr.follow(engine)
 

@@ -15,17 +15,13 @@ import numpy as np
 def teacher_run_quality(run: str | Path, split: str = "val", checkpoint: str = "best") -> list[dict]:
     """One record per ranking: {ranking, mode, similarity, k, mean_jaccard, union_jaccard, n_queries,
     n_without_neighbours[, step, rows_reordered]}."""
-    import optax
-
     from leader_jax.cli import UserError
     from leader_jax.data.dataset import PreparedData
     from leader_jax.retrieval.quality import neighbour_quality
     from leader_jax.retrieval.run_prompts import RunRetrieval
     from leader_jax.train import common, text_batches as tdata
-    from leader_jax.train.engine import Engine, _abstract
-    from leader_jax.train.extract_features import load_teacher_run
-    from leader_jax.train.teacher import (build_teacher, eval_max_len, teacher_loss, tokenizer_path,
-                                          trainable_filter)
+    from leader_jax.train.extract_features import load_teacher_run, restored_engine
+    from leader_jax.train.teacher import eval_max_len, tokenizer_path
 
     run = Path(run)
     tcfg, ckpt, info = load_teacher_run(run, checkpoint, (1, 1, 1))
@@ -44,11 +40,7 @@ def teacher_run_quality(run: str | Path, split: str = "val", checkpoint: str = "
     out = [{"ranking": "pool order", **head, **neighbour_quality(retr.memory, pools.top(k), truth)}]
     if rcfg.mode != "joint":
         return out
-    mesh = common.make_mesh(tcfg)
-    engine = Engine(build_teacher(tcfg, data.vocab.n_med, mesh, vocab=data.vocab), trainable_filter(tcfg),
-                    optax.identity(), mesh, teacher_loss)
-    engine.trainable, _, _ = ckpt.restore(info["step"], _abstract(engine.trainable))
-    retr.follow(engine)
+    retr.follow(restored_engine(tcfg, ckpt, info, common.make_mesh(tcfg), data.vocab))
     tok = common.load_run_tokenizer(tokenizer_path(tcfg), run)
     parts = retr.parts(samples, split, tok, tdata.SpecialIds.from_tokenizer(tok), eval_max_len(tcfg),
                        max_history=int(tcfg.data.max_history), profile=bool(tcfg.data.profile), labels=None,

@@ -101,6 +101,14 @@ def load_teacher_run(run: Path, which: str, mesh_shape) -> tuple[ConfigDict, Eng
     return tcfg, ckpt, {"dir": str(ckpt_dir.absolute()), "step": int(step)}
 
 
+def restored_engine(tcfg: ConfigDict, ckpt: Checkpointer, info: dict[str, Any], mesh, vocab) -> Engine:
+    """The run's teacher as an inference engine holding its checkpointed trainable state (`load_teacher_run`)."""
+    engine = Engine(build_teacher(tcfg, vocab.n_med, mesh, vocab=vocab), trainable_filter(tcfg), optax.identity(),
+                    mesh, teacher_loss, frozen_dtype=tcfg.model.frozen_dtype, predict_fn=teacher_predict)
+    engine.trainable, _, _ = ckpt.restore(info["step"], _abstract(engine.trainable))
+    return engine
+
+
 def extract(cfg: ConfigDict) -> dict[str, Any]:
     from leader_jax.data.dataset import PreparedData
 
@@ -117,12 +125,8 @@ def extract(cfg: ConfigDict) -> dict[str, Any]:
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise UserError(f"cannot load prepared data {tcfg.data_dir} (from {run}/config.json): {e}") from None
     common.check_batch_sizes(mesh, {"batch_size": cfg.batch_size})
-    teacher = build_teacher(tcfg, prepared.vocab.n_med, mesh, vocab=prepared.vocab)
-    engine = Engine(teacher, trainable_filter(tcfg), optax.identity(), mesh, teacher_loss,
-                    frozen_dtype=tcfg.model.frozen_dtype, predict_fn=teacher_predict)
-    trainable, _, _ = ckpt.restore(info["step"], _abstract(engine.trainable))
-    engine.trainable = trainable
-    info["params_sha256"] = params_fingerprint(distributed.host_copy(trainable))
+    engine = restored_engine(tcfg, ckpt, info, mesh, prepared.vocab)
+    info["params_sha256"] = params_fingerprint(distributed.host_copy(engine.trainable))
     meta = {"teacher_run": str(run.absolute()), "teacher_checkpoint": info,
             "teacher_base": str(tcfg.model.path), "teacher_config": tcfg.config_name,
             "dataset_fingerprint": prepared.fingerprint(), "dataset_dir": str(Path(tcfg.data_dir).absolute()),
@@ -136,7 +140,7 @@ def extract(cfg: ConfigDict) -> dict[str, Any]:
     if retr is not None:                 # (mode none adds nothing: stores written before retrieval still resume)
         meta["retrieval"] = retr.info()
         retr.follow(engine)              # joint: the restored re-ranker ranks the pools
-    writer = FeatureStoreWriter(out, hidden_dim=teacher.llama.config.hidden_size,
+    writer = FeatureStoreWriter(out, hidden_dim=engine.model().llama.config.hidden_size,
                                 n_med=prepared.vocab.n_med, meta=meta) if main else None
     shards_written, counts = 0, {}
     buckets = tuple(int(b) for b in tcfg.data.length_buckets) or None
