@@ -69,8 +69,31 @@ def run(main: Callable[[ConfigDict, list[str]], None], default_config: str,
             main(cfg, list(rest[1:]))
         except UserError as e:
             _fail(str(e))
+        except Exception as e:  # noqa: BLE001 -- only the accelerator's out-of-memory error is explained
+            _fail(out_of_memory_message(e) or _reraise(e))
 
     app.run(_main, argv=args, flags_parser=_parse)
+
+
+def _reraise(e: Exception):
+    raise e
+
+
+OOM_MARK = "RESOURCE_EXHAUSTED"
+_BYTES = re.compile(r"allocating (\d+) bytes")
+
+
+def out_of_memory_message(e: Exception) -> str | None:
+    """The one-line explanation of XLA's out-of-memory error (RESOURCE_EXHAUSTED), or None for any other
+    exception. A run killed here keeps its last checkpoint; the same command resumes it."""
+    text = str(e)
+    if OOM_MARK not in text:
+        return None
+    m = _BYTES.search(text)
+    size = f" ({int(m.group(1)) / 1e9:.1f} GB in one allocation)" if m else ""
+    return (f"out of memory{size}: lower train.micro_batch (train.accum keeps the batch: micro_batch x accum), "
+            f"eval.batch_size, data.max_len / data.eval_max_len, or retrieval.joint.m; a checkpointed run "
+            f"resumes with the same command")
 
 
 def _fail(message: str) -> None:

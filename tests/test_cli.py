@@ -42,6 +42,21 @@ def test_run_good_override_reaches_main():
     assert (rc, out.strip()) == (0, "ok 3"), err
 
 
+def test_out_of_memory_is_one_line_naming_the_knobs():
+    run = ("import sys; from leader_jax.cli import run\n"
+           "def main(cfg, args):\n"
+           "    raise RuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating 28712282496 bytes.')\n"
+           "run(main, 'teacher_tiny.py', argv=['x'])")
+    r = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, cwd=REPO_ROOT, env=ENV)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1, r.stderr
+    assert err[0].startswith("error: out of memory (28.7 GB in one allocation): lower train.micro_batch")
+    other = run.replace("RuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating 28712282496 bytes.')",
+                        "KeyError('a bug')")
+    r = subprocess.run([sys.executable, "-c", other], capture_output=True, text=True, cwd=REPO_ROOT, env=ENV)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "KeyError: 'a bug'" in r.stderr   # bugs stay visible
+
+
 def test_unknown_field_and_load_config_suggest_nearest():
     cfg = load_config("teacher_tiny.py")
     assert unknown_field(cfg, "train.steps") is None and unknown_field(cfg, "train") is None

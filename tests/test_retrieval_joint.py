@@ -127,6 +127,20 @@ def test_teacher_gets_the_teacher_loss_gradient_only(runs, prepared_synthetic):
         else:
             assert not x.any(), name
 
+    # the m candidate forwards (under stop_gradient) keep no activations for the backward pass: the joint
+    # step's scratch memory stays near the top-k step's, not (1 + m) x
+    def total_loss(t):
+        return loss(nnx.merge(gd, t, rest), mb)[0]
+
+    def topk_loss(t):
+        return teacher_loss(nnx.merge(gd, t, rest), mb)[0]
+
+    def scratch(fn):
+        return jax.jit(jax.grad(fn)).lower(tr).compile().memory_analysis().temp_size_in_bytes
+
+    joint_b, topk_b = scratch(total_loss), scratch(topk_loss)
+    assert joint_b < 1.5 * topk_b, (joint_b, topk_b)
+
 
 def test_kill_and_resume_replays_the_same_losses(runs):
     root, _, out = runs
