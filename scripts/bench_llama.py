@@ -130,7 +130,7 @@ def main(argv=None) -> int:
                "max_abs_logit_diff": max_diff, "loss_jax": float(jl), "loss_torch": tl}
         results.append(row)
         print(json.dumps(row), flush=True)
-        del hf, model, state
+        hf = model = state = None          # free this size before the next one
     print(f"\n{'size':>4} {'params':>8} {'fwd jax':>9} {'fwd torch':>10} {'ratio':>6} "
           f"{'f+b jax':>9} {'f+b torch':>10} {'ratio':>6}")
     for r in results:
