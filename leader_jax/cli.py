@@ -70,13 +70,12 @@ def run(main: Callable[[ConfigDict, list[str]], None], default_config: str,
         except UserError as e:
             _fail(str(e))
         except Exception as e:  # noqa: BLE001 -- only the accelerator's out-of-memory error is explained
-            _fail(out_of_memory_message(e) or _reraise(e))
+            message = out_of_memory_message(e)
+            if message is None:
+                raise
+            _fail(message)
 
     app.run(_main, argv=args, flags_parser=_parse)
-
-
-def _reraise(e: Exception):
-    raise e
 
 
 OOM_MARK = "RESOURCE_EXHAUSTED"
