@@ -21,7 +21,9 @@ def get_config() -> ConfigDict:
     c.model.path = ""
     c.model.param_dtype = "float32"    # dtype the base is loaded in
     c.model.dtype = "float32"          # compute dtype
-    c.model.pool = "last"              # last = final-norm state at EOS (the paper); mean = over real tokens
+    c.model.pool = "last"              # last = final-norm state at EOS (the paper); mean = over real tokens;
+                                       # query = mean without the retrieved neighbours' block (still attended
+                                       # to; = mean when a prompt shows no neighbour; docs/retrieval.md)
     c.model.head_norm = True           # standardise the pooled state (train-split stats) before the head
     c.model.head_init = "normal"       # normal = N(0, 0.02) | zero (with head_norm: step 0 = the priors) |
                                        # probe = logistic regression on the frozen pooled states (LP-FT;

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from leader_jax.cli import UserError
-from leader_jax.retrieval import joint as rjoint
+from leader_jax.retrieval import joint as rjoint, render
 from leader_jax.train import common, text_batches as tdata
 
 from test_retrieval_teacher import make_cfg as fixed_cfg, train_retrieval_tokenizer
@@ -109,6 +109,22 @@ def test_teacher_gets_the_teacher_loss_gradient_only(runs, prepared_synthetic):
                                   cfg.retrieval, accum=1, micro=8, seed=0, mesh=mesh, max_len=512, lengths=(512,))
     batch, _ = batches(0)
     assert batch["cand_ids"].shape[:3] == (1, 8, M) and bool(batch["cand_valid"].all())
+    def text(x):
+        return tok.decode(x, skip_special_tokens=True)
+
+    # each prompt's skipped pooling span (model.pool=query) is its whole neighbour block (top-k prompts: up to
+    # k sentences, candidate prompts: one), right before the current visit
+    for ids, spans, n in ((batch["input_ids"][0], batch["pool_skip"][0], cfg.retrieval.k),
+                          (batch["cand_ids"][0].reshape(8 * M, -1), batch["cand_skip"][0].reshape(8 * M, 2), 1)):
+        shown = 0
+        for row, (a, b) in zip(np.asarray(ids), np.asarray(spans)):
+            assert render.NEIGHBOUR not in text(row[:a]) + text(row[b:])
+            if b > a:
+                shown += 1
+                assert text(row[a:b]).strip().startswith(render.NEIGHBOUR.strip())
+                assert 1 <= text(row[a:b]).count(render.NEIGHBOUR) <= n
+                assert text(row[b:]).strip().startswith(render.CURRENT_VISIT.strip())
+        assert shown >= 0.9 * len(spans)
     mb = jax.tree.map(lambda x: x[0], batch)
     loss = rjoint.JointLoss.from_config(cfg.retrieval)
     gd, tr, rest = nnx.split(engine.model(eval_mode=False), trainable_filter(cfg), ...)

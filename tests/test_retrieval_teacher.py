@@ -74,7 +74,8 @@ def _ids(tok, text):
 def test_training_prompts_hold_exactly_the_top_k_neighbours(run):
     """The saved memory and pools are the library's own; each training prompt (ids as trained) is the
     LEADER prompt with the sentences of its pool's top-k inserted before the current visit, or (when they
-    do not fit max_len) of a prefix of them; the query's patient is never among the neighbours."""
+    do not fit max_len) of a prefix of them, and its skipped pooling span is that block; the query's patient
+    is never among the neighbours."""
     from leader_jax.train.teacher import encode_split
     from leader_jax.retrieval.run_prompts import RunRetrieval
 
@@ -93,7 +94,7 @@ def test_training_prompts_hold_exactly_the_top_k_neighbours(run):
     enc = encode_split(cfg, data, "train", tok, tdata.SpecialIds.from_tokenizer(tok), retrieval=retr)
     assert enc.sample_ids == [s.id for s in train]               # no training prompt dropped
     full = 0
-    for s, row, ids, n in zip(train, pools.top(K), enc.ids, enc.lengths):
+    for s, row, ids, n, (a, b) in zip(train, pools.top(K), enc.ids, enc.lengths, enc.skip):
         assert (row >= 0).all() and s.patient_id not in set(memory.patient_ids[row])
         sentences = [render.neighbour_sentence(memory, int(j), data.vocab) for j in row]
         h = min(1, len(s.history))
@@ -103,6 +104,11 @@ def test_training_prompts_hold_exactly_the_top_k_neighbours(run):
         match = [m for m, p in zip(range(K, -1, -1), prompts) if _ids(tok, p) == got]
         assert match, s.id
         full += match[0] == K
+        # the query pooling's skipped span is exactly the shown neighbour sentences
+        if match[0]:
+            assert tok.decode(ids[a:b]).strip() == "".join(sentences[:match[0]]).strip(), s.id
+        else:
+            assert a == b == 0
         if match[0] == K:
             assert prompts[0].count("A similar past patient had diagnosis:") == K
     assert full >= 0.9 * len(train)                                 # nearly all prompts show both

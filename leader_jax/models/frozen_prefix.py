@@ -107,7 +107,7 @@ class UpperLoss:
     def __call__(self, model, batch):
         from leader_jax.models.teacher import bce_loss
         logits, _ = model.from_hidden(upper_hidden(model.llama, batch["hidden"], batch["attention_mask"], self.k),
-                                      batch["attention_mask"])
+                                      batch["attention_mask"], batch.get("pool_skip"))
         return bce_loss(logits, batch["labels"]), {}
 
 
@@ -118,7 +118,8 @@ class UpperPredict:
 
     def __call__(self, model, batch):
         logits, pooled = model.from_hidden(
-            upper_hidden(model.llama, batch["hidden"], batch["attention_mask"], self.k), batch["attention_mask"])
+            upper_hidden(model.llama, batch["hidden"], batch["attention_mask"], self.k), batch["attention_mask"],
+            batch.get("pool_skip"))
         return jax.nn.sigmoid(logits), pooled
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from leader_jax.models.teacher import bce_loss
+from leader_jax.models.teacher import bce_loss, forward
 from leader_jax.retrieval import render
 from leader_jax.retrieval.reranker import (CodeSpace, batch_inputs, build_reranker, candidate_losses,
                                            rerank_inputs, retriever_loss, sample_candidates, select_top_k)
@@ -72,10 +72,11 @@ class JointLoss:
         return cls(j.loss, float(j.lam), float(j.margin), float(j.gamma), float(j.replug_tau))
 
     def __call__(self, model, mb: dict):
-        logits, _ = model(mb["input_ids"], mb["attention_mask"])
+        logits, _ = forward(model, mb)
         teacher = bce_loss(logits, mb["labels"])
         b, m, t = mb["cand_ids"].shape
-        c_logits, _ = model(mb["cand_ids"].reshape(b * m, t), mb["cand_mask"].reshape(b * m, t))
+        c_logits, _ = model(mb["cand_ids"].reshape(b * m, t), mb["cand_mask"].reshape(b * m, t),
+                            mb["cand_skip"].reshape(b * m, 2))
         losses = candidate_losses(c_logits.reshape(b, m, -1), mb["labels"])
         scores = getattr(model, RERANKER)(mb["query"], mb["cand_bags"], mb["cand_prior"])
         retr = retriever_loss(self.kind, scores, losses, mb["cand_valid"], margin=self.margin, gamma=self.gamma,
@@ -199,6 +200,12 @@ class Composer:
                                   parts.tails[row], max_len=max_len, budget=self.budget, bos=self.special.bos,
                                   eos=self.special.eos)
 
+    @staticmethod
+    def span(parts: Parts, row: int, toks: Sequence[int]) -> tuple[int, int]:
+        """Token span [start, end) of the neighbour block of a composed prompt `toks` ((0, 0): none kept)."""
+        start, end = 1 + len(parts.heads[row]), len(toks) - 1 - len(parts.tails[row])     # 1: BOS, EOS
+        return (start, end) if end > start else (0, 0)
+
     def encode(self, parts: Parts, positions: np.ndarray, valid: np.ndarray, max_len: int):
         """`text_batches.Encoded` of every row with the neighbours at pool `positions` [n, k] (best first)."""
         from leader_jax.train.text_batches import Encoded
@@ -206,13 +213,15 @@ class Composer:
         n = len(parts.sample_ids)
         ids = np.full((n, max_len), self.special.pad, np.int32)
         lengths = np.zeros((n,), np.int32)
+        skip = np.zeros((n, 2), np.int32)
         for r in range(n):
             toks = self.ids(parts, r, np.where(valid[r], parts.pool[r, positions[r]], -1), max_len)
             ids[r, :len(toks)] = toks
             lengths[r] = len(toks)
+            skip[r] = self.span(parts, r, toks)
         return Encoded(ids=ids, lengths=lengths, sample_ids=list(parts.sample_ids), labels=parts.labels,
                        single_visit=parts.single_visit, n_truncated=parts.n_truncated,
-                       n_history_dropped=parts.n_history_dropped, dropped_ids=list(parts.dropped_ids))
+                       n_history_dropped=parts.n_history_dropped, dropped_ids=list(parts.dropped_ids), skip=skip)
 
 
 def neighbour_jaccard(parts: Parts, memory_drugs: Sequence[frozenset], rows, memory_rows: np.ndarray) -> float:
@@ -263,13 +272,18 @@ class JointBatches:
                                                       jax.random.fold_in(self.key, step))
         top_mem = np.where(top_ok, np.take_along_axis(p.pool[rows], top, 1), -1)
         cand_mem = np.where(pos_ok, np.take_along_axis(p.pool[rows], pos, 1), -1)
-        ids, mask, t = self._pack([self.composer.ids(p, r, mrow, self.max_len) for r, mrow in zip(rows, top_mem)])
-        c_ids, c_mask, tc = self._pack([self.composer.ids(p, r, [j], self.max_len)
-                                        for r, mrow in zip(rows, cand_mem) for j in mrow])
+        seqs = [self.composer.ids(p, r, mrow, self.max_len) for r, mrow in zip(rows, top_mem)]
+        c_rows = [(r, j) for r, mrow in zip(rows, cand_mem) for j in mrow]
+        c_seqs = [self.composer.ids(p, r, [j], self.max_len) for r, j in c_rows]
+        ids, mask, t = self._pack(seqs)
+        c_ids, c_mask, tc = self._pack(c_seqs)
+        skip = np.array([Composer.span(p, r, x) for r, x in zip(rows, seqs)], np.int32).reshape(a, mi, 2)
+        c_skip = np.array([Composer.span(p, r, x) for (r, _), x in zip(c_rows, c_seqs)], np.int32)
         b = batch_inputs(p.inputs, rows)
-        host = {"input_ids": ids.reshape(a, mi, t), "attention_mask": mask.reshape(a, mi, t),
+        host = {"input_ids": ids.reshape(a, mi, t), "attention_mask": mask.reshape(a, mi, t), "pool_skip": skip,
                 "labels": p.labels[rows].reshape(a, mi, -1),
                 "cand_ids": c_ids.reshape(a, mi, m, tc), "cand_mask": c_mask.reshape(a, mi, m, tc),
+                "cand_skip": c_skip.reshape(a, mi, m, 2),
                 "query": b["query"].reshape(a, mi, -1),
                 "cand_bags": np.take_along_axis(b["candidates"], pos[..., None], 1).reshape(a, mi, m, -1),
                 "cand_prior": np.take_along_axis(b["prior"], pos, 1).reshape(a, mi, m),

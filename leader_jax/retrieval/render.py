@@ -21,10 +21,11 @@ from leader_jax.data.prompts import display
 from leader_jax.retrieval.memory import Memory
 
 CURRENT_VISIT = "In this visit, he has diagnosis: "   # where the current visit starts in prompts.build_prompt
+NEIGHBOUR = "A similar past patient had diagnosis: "   # how every neighbour sentence starts
 
 
 def neighbour_sentence(memory: Memory, j: int, vocab: Vocab) -> str:
-    return (f"A similar past patient had diagnosis: {display(memory.diagnoses[j], vocab)}; "
+    return (f"{NEIGHBOUR}{display(memory.diagnoses[j], vocab)}; "
             f"procedures: {display(memory.procedures[j], vocab)}; "
             f"and was prescribed: {display(memory.medications[j], vocab)}. \n ")
 
@@ -48,6 +49,14 @@ def insert_block(base_prompt: str, block: str) -> str:
         raise ValueError(f"the prompt has no current-visit sentence ({CURRENT_VISIT!r}): cannot place "
                          f"the neighbours")
     return base_prompt[:at] + block + base_prompt[at:]
+
+
+def block_span(prompt: str) -> tuple[int, int] | None:
+    """Character span [a, b) of the neighbour block of a rendered prompt (from its first neighbour
+    sentence to the current visit), None when it shows no neighbour. The query pooling leaves it out."""
+    b = prompt.rfind(CURRENT_VISIT)
+    a = prompt.find(NEIGHBOUR, 0, max(b, 0))
+    return None if a < 0 or b < 0 else (a, b)
 
 
 def split_at_current_visit(base_prompt: str) -> tuple[str, str]:

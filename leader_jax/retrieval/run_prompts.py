@@ -176,7 +176,8 @@ class RunRetrieval:
         pools = self.split_pools(samples, split) if pools is None else pools
         return tdata.encode_samples(samples, self.vocab, tokenizer, special, max_len, max_history=max_history,
                                     profile=profile, labels=labels, split=split, overlong=overlong,
-                                    build_prompt=self.builder(pools, tokenizer, max_len))
+                                    build_prompt=self.builder(pools, tokenizer, max_len),
+                                    skip_span=render.block_span)
 
 
 def joint_info(rcfg) -> dict:

@@ -37,7 +37,9 @@ from leader_jax.train.teacher import (build_teacher, encode_split, eval_max_len,
 
 CHECKPOINTS = ("best", "last")
 POOLING = {"last": "final-norm hidden state at the EOS (last real token)",          # model.pool -> manifest
-           "mean": "mean of the final-norm hidden states over the prompt's real tokens"}
+           "mean": "mean of the final-norm hidden states over the prompt's real tokens",
+           "query": "mean of the final-norm hidden states over the prompt's real tokens outside the retrieved "
+                    "neighbours' block"}
 
 
 def validate_config(cfg: ConfigDict) -> None:

@@ -36,14 +36,13 @@ from ml_collections import ConfigDict
 
 from leader_jax.cli import UserError
 from leader_jax.models import frozen_prefix as fp, lora
-from leader_jax.models.teacher import HeadParam, Teacher, bce_loss
+from leader_jax.models.teacher import POOLS, HeadParam, Teacher, bce_loss, forward
 from leader_jax.retrieval import joint as rjoint, validate_config as validate_retrieval
 from leader_jax.retrieval.run_prompts import RunRetrieval
 from leader_jax.train import common, head_probe, loop, text_batches as tdata, distributed
 from leader_jax.train.length_buckets import BucketedStream, PadStats, bucket_set, validate_buckets
 from leader_jax.train.engine import Checkpointer, Engine, place
 
-POOLS = ("last", "mean")
 SOURCES = ("hf", "scratch")
 FROZEN_DTYPES = ("float32", "bfloat16", "float16")
 HEAD_INITS = ("normal", "zero", "probe")
@@ -101,12 +100,12 @@ def build_teacher(cfg: ConfigDict, n_med: int, mesh, *, vocab=None) -> Teacher:
 
 
 def teacher_loss(model: Teacher, mb: dict):
-    logits, _ = model(mb["input_ids"], mb["attention_mask"])
+    logits, _ = forward(model, mb)
     return bce_loss(logits, mb["labels"]), {}
 
 
 def teacher_predict(model: Teacher, b: dict):
-    logits, pooled = model(b["input_ids"], b["attention_mask"])
+    logits, pooled = forward(model, b)
     return jax.nn.sigmoid(logits), pooled
 
 

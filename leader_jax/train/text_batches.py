@@ -26,6 +26,27 @@ if TYPE_CHECKING:
     from leader_jax.train.length_buckets import BucketedStream, PadStats
 
 
+def encode_span(tokenizer: Any, text: str, span: tuple[int, int] | None) -> tuple[list[int], tuple[int, int]]:
+    """(token ids as `encode_text`, token span [start, end) of the characters `span` = [a, b)): the tokens
+    whose first non-space character lies inside [a, b) (a byte-level BPE token carries the space before a
+    word), from the fast tokenizer's offsets; without offsets, from the token counts of the text before a
+    and before b. (0, 0) when `span` is None or empty."""
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    if span is None or span[0] >= span[1]:
+        return encode_text(tokenizer, text), (0, 0)
+    a, b = span
+    if hasattr(backend, "encode") and hasattr(backend, "token_to_id"):        # a `tokenizers.Tokenizer`
+        out = backend.encode(text, add_special_tokens=False)
+        ids = list(out.ids)
+        starts = [s + len(text[s:e]) - len(text[s:e].lstrip()) if text[s:e].strip() else s
+                  for s, e in out.offsets]                  # first non-space character of each token
+        start = next((i for i, c in enumerate(starts) if c >= a), len(ids))
+        end = next((i for i, c in enumerate(starts) if c >= b), len(ids))
+        return ids, (start, end)
+    ids = encode_text(tokenizer, text)
+    return ids, (len(encode_text(tokenizer, text[:a])), len(encode_text(tokenizer, text[:b])))
+
+
 def encode_text(tokenizer: Any, text: str) -> list[int]:
     """Token ids without special tokens, for a `tokenizers.Tokenizer` or a transformers tokenizer."""
     try:
@@ -79,6 +100,8 @@ class Encoded:
     n_truncated: int = 0       # prompts that lost history visits to fit
     n_history_dropped: int = 0  # history visits removed in total
     dropped_ids: list[str] = dataclasses.field(default_factory=list)  # samples whose current visit is too long
+    skip: np.ndarray | None = None  # int32 [N, 2]: token span [start, end) the query pooling leaves out
+                                    # (retrieval prompts: the neighbour block; [0, 0] = none)
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -88,7 +111,7 @@ class Encoded:
         return Encoded(ids=self.ids[rows], lengths=self.lengths[rows],
                        sample_ids=[self.sample_ids[i] for i in rows],
                        labels=None if self.labels is None else self.labels[rows],
-                       single_visit=self.single_visit[rows])
+                       single_visit=self.single_visit[rows], skip=None if self.skip is None else self.skip[rows])
 
     def mask(self, rows=None) -> np.ndarray:
         lengths = self.lengths if rows is None else self.lengths[rows]
@@ -97,9 +120,12 @@ class Encoded:
 
 def encode_samples(samples: Sequence[Any], vocab: Any, tokenizer: Any, special: SpecialIds, max_len: int, *,
                    max_history: int = 3, profile: bool = False, labels: np.ndarray | None = None,
-                   build_prompt: Callable | None = None, split: str = "", overlong: str = "error") -> Encoded:
+                   build_prompt: Callable | None = None, split: str = "", overlong: str = "error",
+                   skip_span: Callable[[str], tuple[int, int] | None] | None = None) -> Encoded:
     """Tokenise teacher prompts; drop the oldest shown history visits until `BOS+prompt+EOS <= max_len`.
 
+    `skip_span(prompt)` (retrieval prompts): the character span of the part the query pooling leaves out
+    (the neighbour block), recorded as token spans in `Encoded.skip`.
     A sample whose current visit alone is longer than `max_len` raises (overlong="error", evaluation
     splits) or is left out and listed in `dropped_ids` (overlong="drop", training split)."""
     if build_prompt is None:
@@ -111,11 +137,13 @@ def encode_samples(samples: Sequence[Any], vocab: Any, tokenizer: Any, special: 
     lengths = np.zeros((n,), np.int32)
     n_trunc = n_dropped = 0
     keep = np.ones((n,), bool)
+    skip = np.zeros((n, 2), np.int32)
     for i, s in enumerate(samples):
         shown = min(max_history, len(s.history))
         for h in range(shown, -1, -1):
-            toks = [special.bos] + encode_text(tokenizer, build_prompt(s, vocab, max_history=h,
-                                                                          profile=profile)) + [special.eos]
+            text = build_prompt(s, vocab, max_history=h, profile=profile)
+            body, span = encode_span(tokenizer, text, None if skip_span is None else skip_span(text))
+            toks = [special.bos] + body + [special.eos]
             if len(toks) <= max_len:
                 break
         else:
@@ -130,11 +158,13 @@ def encode_samples(samples: Sequence[Any], vocab: Any, tokenizer: Any, special: 
             n_dropped += shown - h
         ids[i, :len(toks)] = toks
         lengths[i] = len(toks)
+        skip[i] = (span[0] + 1, span[1] + 1) if span[1] > span[0] else (0, 0)      # + 1: the BOS
     return Encoded(ids=ids[keep], lengths=lengths[keep], sample_ids=[s.id for s, k in zip(samples, keep) if k],
                    labels=None if labels is None else labels[keep],
                    single_visit=np.array([s.single_visit for s, k in zip(samples, keep) if k], dtype=bool),
                    n_truncated=n_trunc, n_history_dropped=n_dropped,
-                   dropped_ids=[s.id for s, k in zip(samples, keep) if not k])
+                   dropped_ids=[s.id for s, k in zip(samples, keep) if not k],
+                   skip=skip[keep] if skip_span is not None else None)
 
 
 SEGMENT_SEP = "\x1e"   # in a stage-1 document: replaced by an EOS token ("BOS prompt EOS drugs EOS")
@@ -203,6 +233,8 @@ def train_batch(enc: Encoded, step: int, accum: int, micro: int, seed: int, mesh
         d = prefix.dim
         batch["hidden"] = distributed.global_array(prefix.rows(rows.ravel(), t).reshape(rows.shape + (t, d)),
                                                    stacked_batch_sharding(mesh, 4), (accum, micro, t, d))
+    if enc.skip is not None:
+        batch["pool_skip"] = distributed.global_array(enc.skip[rows], sh, (accum, micro, 2))
     if enc.labels is not None:
         m = enc.labels.shape[1]
         batch["labels"] = distributed.global_array(enc.labels[rows], stacked_batch_sharding(mesh, 3),
@@ -235,6 +267,8 @@ def eval_batches(enc: Encoded, batch_size: int, mesh, *, buckets: Sequence[int] 
         sel = full[local]
         batch = {"attention_mask": distributed.global_array(_mask(enc.lengths[sel], t), sh, (batch_size, t)),
                  "input_ids": distributed.global_array(enc.ids[sel][:, :t], sh, (batch_size, t))}
+        if enc.skip is not None:
+            batch["pool_skip"] = distributed.global_array(enc.skip[sel], sh, (batch_size, 2))
         if prefix is not None:
             prefix.ensure(full)                           # every process: the same global rows
             batch["hidden"] = distributed.global_array(prefix.rows(sel, t), batch_sharding(mesh, 3),
