@@ -87,10 +87,10 @@ class Teacher(nnx.Module):
         return logits, pooled
 
 
-def forward(model: Teacher, batch: dict, ids: str = "input_ids", mask: str = "attention_mask",
-            skip: str = "pool_skip"):
-    """`model` on a batch's tokens; the batch's skipped spans (retrieval prompts) go to the pooling."""
-    return model(batch[ids], batch[mask], batch.get(skip))
+def forward(model: Teacher, batch: dict):
+    """`model` on a batch's tokens; the batch's skipped spans (`pool_skip`, retrieval prompts only) go to the
+    pooling."""
+    return model(batch["input_ids"], batch["attention_mask"], batch.get("pool_skip"))
 
 
 def bce_loss(logits, labels):
