@@ -140,6 +140,33 @@ def test_pools_are_deterministic_and_refuse_stale_files(data, memory, tmp_path):
         == d.indices.tolist()
 
 
+
+def test_damaged_run_files_are_refused_or_rebuilt(data, memory, tmp_path):
+    """A run's memory that is missing, damaged or built from other data is refused with one line naming
+    the file; a damaged pool file is rebuilt (and rewritten), never read as pools."""
+    from leader_jax.retrieval.run_prompts import MEMORY_FILE, RunRetrieval, retrieval_dir
+    rcfg = load_config("retrieval.py")
+    rcfg.mode = "fixed"
+    run = tmp_path / "run"
+    path = retrieval_dir(run) / MEMORY_FILE
+    with pytest.raises(UserError, match="memory.npz not found"):
+        RunRetrieval.for_run(rcfg, run, data.vocab)
+    memory.save(path)
+    ok = RunRetrieval.for_run(rcfg, run, data.vocab, fingerprint=data.fingerprint(), write=True)
+    with pytest.raises(UserError, match="built from prepared data"):
+        RunRetrieval.for_run(rcfg, run, data.vocab, fingerprint="f" * 64)
+    path.write_bytes(path.read_bytes()[:100])                       # truncated by a killed copy
+    with pytest.raises(UserError, match="cannot read the retrieval memory"):
+        RunRetrieval.for_run(rcfg, run, data.vocab)
+    val = data.splits["val"]
+    want = ok.split_pools(val, "val").indices                       # written to RUN/retrieval/val.npz
+    pool_file = retrieval_dir(run) / "val.npz"
+    pool_file.write_bytes(b"not an npz")
+    assert np.array_equal(ok.split_pools(val, "val").indices, want)
+    assert np.array_equal(cand.load_pools(pool_file, fingerprint=data.fingerprint(),
+                                          settings=ok.settings).indices, want)
+
+
 # ------------------------------------------------------------------------------------------ prompts
 class _WordTokenizer:
     """One token per whitespace-separated word (encode_text's fallback path: no add_special_tokens)."""
