@@ -18,6 +18,7 @@ from leader_jax.retrieval import candidates as cand
 from leader_jax.retrieval import render, reranker
 from leader_jax.retrieval.memory import Memory, Queries, eligible
 from leader_jax.retrieval.quality import neighbour_quality
+from leader_jax.retrieval.run_prompts import MEMORY_FILE, RunRetrieval, retrieval_dir
 
 
 @pytest.fixture(scope="module")
@@ -140,11 +141,9 @@ def test_pools_are_deterministic_and_refuse_stale_files(data, memory, tmp_path):
         == d.indices.tolist()
 
 
-
 def test_damaged_run_files_are_refused_or_rebuilt(data, memory, tmp_path):
     """A run's memory that is missing, damaged or built from other data is refused with one line naming
     the file; a damaged pool file is rebuilt (and rewritten), never read as pools."""
-    from leader_jax.retrieval.run_prompts import MEMORY_FILE, RunRetrieval, retrieval_dir
     rcfg = load_config("retrieval.py")
     rcfg.mode = "fixed"
     run = tmp_path / "run"
